@@ -1,0 +1,176 @@
+"""Bitwidth allocation over tiles: tolerance mode and whole-model budget mode.
+
+Budget mode minimises the summed (weighted) distortion of all tiles subject
+to one budget for the whole model:
+
+* ``avg-bits=X``   -- weight-count weighted average bitwidth <= X;
+* ``crossbars=N``  -- occupied crossbars after block reassembly <= N;
+* ``reduction=R``  -- crossbars <= uniform-16-bit crossbars / R.
+
+It is solved by Lagrangian relaxation (each tile independently minimises
+``distortion + lambda * cost``), bisection on ``lambda`` against the *exact*
+budget measure (packing included), then a greedy pass that spends what is
+left of the budget on the upgrades with the best distortion saved per cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .crossbar import CrossbarSpec
+from .packing import count_crossbars
+from .tiling import ModelTiles
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .search import CandidateTable
+
+BUDGET_KINDS = ("avg-bits", "crossbars", "reduction")
+
+
+class BudgetError(ValueError):
+    """A budget that no allocation can meet, or that cannot be parsed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise BudgetError(f"unknown budget kind {self.kind!r}; use one of {BUDGET_KINDS} (e.g. 'avg-bits=4.5')")
+        if not math.isfinite(self.value) or self.value <= 0:
+            raise BudgetError(f"budget {self.kind}={self.value} must be a positive number")
+
+    @classmethod
+    def parse(cls, text: "Budget | str") -> "Budget":
+        """``"avg-bits=4.5"``, ``"crossbars=800"`` or ``"reduction=3.5"``."""
+        if isinstance(text, Budget):
+            return text
+        kind, sep, value = str(text).partition("=")
+        if not sep:
+            raise BudgetError(f"cannot parse budget {text!r}: expected KIND=VALUE with KIND one of {BUDGET_KINDS}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise BudgetError(f"cannot parse budget {text!r}: {value!r} is not a number") from None
+        return cls(kind.strip(), v)
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+def allocate_tolerance(table: "CandidateTable", tolerance: float) -> np.ndarray:
+    """Per tile, the smallest bitwidth whose best objective (relative MSE / divergence) is <= tolerance.
+
+    Tiles that meet the tolerance at no candidate get the largest bitwidth.
+    Returns indices into ``table.bits``.
+    """
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise BudgetError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    ok = table.nsr <= tolerance
+    first = np.argmax(ok, axis=1)
+    return np.where(ok.any(axis=1), first, len(table.bits) - 1).astype(np.int64)
+
+
+class _Measure:
+    """The exact budget measure of an allocation, and a per-tile cost estimate for the Lagrangian."""
+
+    def __init__(self, table: "CandidateTable", tiles: ModelTiles, spec: CrossbarSpec, budget: Budget):
+        self.tiles, self.spec, self.bits = tiles, spec, np.array(table.bits, dtype=np.int64)
+        n = tiles.n_weights.astype(np.float64)
+        self.slices_of = np.array([spec.slices(b) for b in table.bits], dtype=np.int64)
+        if budget.kind == "avg-bits":
+            self.kind = "avg-bits"
+            self.limit = budget.value
+            self.cost = (n / n.sum())[:, None] * self.bits[None, :]
+        else:
+            self.kind = "crossbars"
+            if budget.kind == "reduction":
+                from .quant import uniform_crossbars
+                self.limit = math.floor(uniform_crossbars(tiles, spec, 16) / budget.value)
+            else:
+                self.limit = budget.value
+            share = np.maximum(tiles.nrows / spec.rows, tiles.ncols / spec.cols)
+            self.cost = share[:, None] * (self.slices_of * spec.polarities)[None, :]
+
+    def __call__(self, choice: np.ndarray) -> float:
+        if self.kind == "avg-bits":
+            return float(self.cost[np.arange(len(choice)), choice].sum())
+        t = self.tiles
+        return float(count_crossbars(t.nrows, t.ncols, self.slices_of[choice], self.spec.rows,
+                                     self.spec.cols, self.spec.polarities))
+
+    def describe(self, value: float) -> str:
+        return f"avg bits {value:.4f}" if self.kind == "avg-bits" else f"{int(value)} crossbars"
+
+
+def _choose(dist: np.ndarray, cost: np.ndarray, lam: float) -> np.ndarray:
+    return np.argmin(dist + lam * cost, axis=1)
+
+
+def allocate_budget(table: "CandidateTable", tiles: ModelTiles, spec: CrossbarSpec,
+                    budget: Budget) -> tuple[np.ndarray, str]:
+    """Whole-model allocation under ``budget``; returns (bitwidth indices [T], a note saying what was met)."""
+    budget = Budget.parse(budget)
+    measure = _Measure(table, tiles, spec, budget)
+    dist, cost = table.distortion, measure.cost
+    # cheapest possible allocation (ties by lower distortion)
+    cheapest = np.lexsort((dist, cost), axis=1)[:, 0]
+    floor_value = measure(cheapest)
+    if floor_value > measure.limit + 1e-9:
+        raise BudgetError(
+            f"budget {budget} cannot be met: even the smallest bitwidth ({int(measure.bits.min())}) on every "
+            f"tile needs {measure.describe(floor_value)} (limit {measure.describe(measure.limit)}); "
+            "raise the budget or allow smaller bitwidths")
+    best = _choose(dist, cost, 0.0)
+    if measure(best) <= measure.limit + 1e-9:
+        return best, f"budget {budget} not binding: best distortion fits ({measure.describe(measure(best))})"
+    # bracket lambda: lo infeasible, hi feasible
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        if measure(_choose(dist, cost, hi)) <= measure.limit + 1e-9:
+            break
+        lo, hi = hi, hi * 4
+    else:
+        hi = math.inf
+    if math.isinf(hi):
+        choice_hi = cheapest
+    else:
+        for _ in range(60):
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1024
+            if measure(_choose(dist, cost, mid)) <= measure.limit + 1e-9:
+                hi = mid
+            else:
+                lo = mid
+            if lo > 0 and hi / lo < 1 + 1e-9:
+                break
+        choice_hi = _choose(dist, cost, hi)
+    choice_lo = _choose(dist, cost, lo)
+    choice = _greedy_fill(choice_hi, choice_lo, dist, cost, measure)
+    return choice, f"budget {budget} met: {measure.describe(measure(choice))} (limit {measure.describe(measure.limit)})"
+
+
+def _greedy_fill(choice: np.ndarray, richer: np.ndarray, dist: np.ndarray, cost: np.ndarray,
+                 measure: _Measure, max_checks: int = 256) -> np.ndarray:
+    """Move tiles towards the richer allocation while the budget still holds, best gain per cost first."""
+    choice = choice.copy()
+    diff = np.flatnonzero(choice != richer)
+    if not len(diff):
+        return choice
+    t = diff
+    gain = dist[t, choice[t]] - dist[t, richer[t]]
+    extra = cost[t, richer[t]] - cost[t, choice[t]]
+    order = t[np.lexsort((t, -(gain / np.maximum(extra, 1e-300))))]
+    for k, tile in enumerate(order):
+        if k >= max_checks:
+            break
+        old = choice[tile]
+        choice[tile] = richer[tile]
+        if measure(choice) > measure.limit + 1e-9:
+            choice[tile] = old
+    return choice

@@ -1,0 +1,196 @@
+"""Per-tile quantisation results, their crossbar accounting, and the baselines.
+
+A :class:`QuantResult` is what every method (PSQ, uniform per-layer,
+per-tile round-to-nearest) produces: for every tile of a
+:class:`~psq_tvm.tiling.ModelTiles` a bitwidth and a scale.  Integer levels
+are ``q = clip(rint(w / s), -L, L)`` with ``L = 2**(b-1) - 1`` (``rint``
+rounds half to even), the dequantised weight is ``s * q``.  Crossbar counts
+come from one packer (:mod:`psq_tvm.packing`) for every method, so every
+comparison is side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from .crossbar import CrossbarSpec
+from .packing import Placement, pack
+from .tiling import Layer, ModelTiles, empty_like_layout, roll, tile_blocks
+
+
+def level_limit(bits: np.ndarray | int) -> np.ndarray:
+    """Largest level magnitude ``L = 2**(b-1) - 1``."""
+    return (np.left_shift(1, np.asarray(bits, dtype=np.int64) - 1) - 1)
+
+
+def quantize_levels(w: np.ndarray, scale: np.ndarray | float, bits: np.ndarray | int) -> np.ndarray:
+    """Integer levels of ``w`` (int16), ``clip(rint(w / scale), -L, L)``, broadcasting."""
+    L = level_limit(bits)
+    q = np.rint(np.asarray(w, dtype=np.float64) / scale)
+    return np.clip(q, -L, L).astype(np.int16)
+
+
+@dataclasses.dataclass
+class QuantResult:
+    """Bitwidth and scale for every tile, and everything derived from them."""
+
+    tiles: ModelTiles
+    spec: CrossbarSpec
+    bits: np.ndarray          # [T] int64
+    scales: np.ndarray        # [T] float64
+    objective: np.ndarray     # [T] objective at the chosen candidate (nan for baselines)
+    method: str
+    search_seconds: float = 0.0
+    note: str = ""
+    candidates: Any = None
+    _placement: Placement | None = dataclasses.field(default=None, repr=False)
+
+    # ----------------------------------------------------------- crossbars
+    @property
+    def slices(self) -> np.ndarray:
+        """Slices per polarity of every tile."""
+        return -(-(self.bits - (1 if self.spec.encoding == "differential" else 0)) // self.spec.cell_bits)
+
+    @property
+    def placement(self) -> Placement:
+        """Tiles placed on physical crossbars (block reassembly)."""
+        if self._placement is None:
+            t = self.tiles
+            self._placement = pack(t.nrows, t.ncols, self.slices, self.spec.rows, self.spec.cols,
+                                   self.spec.polarities)
+        return self._placement
+
+    @property
+    def crossbars(self) -> int:
+        """Occupied physical crossbars after packing."""
+        return self.placement.n_crossbars
+
+    @property
+    def avg_bits(self) -> float:
+        """Weight-count weighted average bitwidth."""
+        n = self.tiles.n_weights
+        return float((n * self.bits).sum() / n.sum())
+
+    def cell_utilization(self) -> float:
+        """Share of the occupied crossbars' cells that hold a weight slice."""
+        used = (self.tiles.n_weights * self.slices).sum() * self.spec.polarities
+        return float(used / (self.crossbars * self.spec.rows * self.spec.cols))
+
+    # -------------------------------------------------------------- weights
+    def levels(self, layer: int) -> list[np.ndarray]:
+        """Integer levels of each unrolled matrix of a layer (int16, same shape as the matrix)."""
+        out = []
+        for li, _, m, grid, first in self.tiles.matrices():
+            if li != layer:
+                continue
+            q = empty_like_layout(m, np.int16)
+            for (view, ids), (qview, _) in zip(tile_blocks(m, grid), tile_blocks(q, grid)):
+                s = self.scales[first + ids][:, None, :, None]
+                b = self.bits[first + ids][:, None, :, None]
+                qview[...] = quantize_levels(view, s, b)
+            out.append(q)
+        return out
+
+    def dequantized(self, layer: int) -> np.ndarray:
+        """The fake-quantised weight of a layer in its original shape (float32)."""
+        mats = []
+        for li, _, m, grid, first in self.tiles.matrices():
+            if li != layer:
+                continue
+            mats.append(self._dequant_matrix(m, grid, first))
+        lay = self.tiles.layers[layer]
+        return roll(mats, lay.kind, lay.weight.shape, lay.groups).astype(np.float32)
+
+    def _dequant_matrix(self, m: np.ndarray, grid, first: int) -> np.ndarray:
+        out = empty_like_layout(m, np.float64)
+        for (view, ids), (oview, _) in zip(tile_blocks(m, grid), tile_blocks(out, grid)):
+            s = self.scales[first + ids][:, None, :, None]
+            b = self.bits[first + ids][:, None, :, None]
+            oview[...] = quantize_levels(view, s, b) * s
+        return out
+
+    # -------------------------------------------------------------- reports
+    def layer_table(self) -> list[dict[str, Any]]:
+        """Per layer: tiles, bitwidth histogram, average bits, crossbars (ceil share of packed sets)."""
+        rows = []
+        pl = self.placement
+        per_tile = self.slices * self.spec.polarities
+        for li, layer in enumerate(self.tiles.layers):
+            ids = self.tiles.layer_tiles(li)
+            b = self.bits[ids]
+            n = self.tiles.n_weights[ids]
+            sets = np.unique(pl.set_of_tile[ids])
+            rows.append({
+                "layer": layer.name, "kind": layer.kind, "weight_shape": list(layer.weight.shape),
+                "groups": layer.groups, "tiles": int(len(ids)),
+                "bits_histogram": {int(k): int(v) for k, v in zip(*np.unique(b, return_counts=True))},
+                "avg_bits": float((n * b).sum() / n.sum()),
+                "crossbars_unpacked": int(per_tile[ids].sum()),
+                "crossbar_sets": int(len(sets)),
+            })
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.method, "crossbars": self.crossbars, "avg_bits": self.avg_bits,
+                "cell_utilization": self.cell_utilization(), "tiles": int(self.tiles.n_tiles),
+                "weights": int(self.tiles.n_weights.sum()), "search_seconds": self.search_seconds,
+                "note": self.note}
+
+
+# ------------------------------------------------------------------ baselines
+def _tiles_for(layers_or_tiles: Sequence[Layer] | ModelTiles, spec: CrossbarSpec) -> ModelTiles:
+    if isinstance(layers_or_tiles, ModelTiles):
+        return layers_or_tiles
+    return ModelTiles(layers_or_tiles, spec.rows, spec.cols)
+
+
+def tile_maxabs(tiles: ModelTiles) -> np.ndarray:
+    """max|w| of every tile."""
+    out = np.zeros(tiles.n_tiles)
+    for _, _, m, grid, first in tiles.matrices():
+        for view, ids in tile_blocks(m, grid):
+            out[first + ids] = np.abs(view).max(axis=(1, 3))
+    return out
+
+
+def uniform_per_layer(layers: Sequence[Layer] | ModelTiles, spec: CrossbarSpec, bits: int) -> QuantResult:
+    """Every tile at ``bits``, one max-abs scale per layer (the classic uniform baseline)."""
+    tiles = _tiles_for(layers, spec)
+    mx = tile_maxabs(tiles)
+    layer_max = np.zeros(len(tiles.layers))
+    np.maximum.at(layer_max, tiles.layer, mx)
+    L = 2 ** (bits - 1) - 1
+    scales = np.where(layer_max > 0, layer_max / L, 1.0)[tiles.layer]
+    return QuantResult(tiles, spec, np.full(tiles.n_tiles, bits, dtype=np.int64), scales,
+                       np.full(tiles.n_tiles, np.nan), f"uniform{bits}-per-layer")
+
+
+def rtn_per_tile(layers: Sequence[Layer] | ModelTiles, spec: CrossbarSpec, bits: int) -> QuantResult:
+    """Every tile at ``bits``, its own max-abs scale, round to nearest (no search)."""
+    tiles = _tiles_for(layers, spec)
+    mx = tile_maxabs(tiles)
+    L = 2 ** (bits - 1) - 1
+    scales = np.where(mx > 0, mx / L, 1.0)
+    return QuantResult(tiles, spec, np.full(tiles.n_tiles, bits, dtype=np.int64), scales,
+                       np.full(tiles.n_tiles, np.nan), f"rtn{bits}-per-tile")
+
+
+def uniform_crossbars(tiles: ModelTiles, spec: CrossbarSpec, bits: int) -> int:
+    """Crossbars every tile at ``bits`` occupies, packed by the same code as PSQ."""
+    sl = -(-(bits - (1 if spec.encoding == "differential" else 0)) // spec.cell_bits)
+    return pack(tiles.nrows, tiles.ncols, np.full(tiles.n_tiles, sl), spec.rows, spec.cols,
+                spec.polarities).n_crossbars
+
+
+def compare(result: QuantResult) -> dict[str, Any]:
+    """Crossbars of ``result`` next to uniform 16-bit and uniform 8-bit, same tiles, same packer."""
+    u16 = uniform_crossbars(result.tiles, result.spec, 16)
+    u8 = uniform_crossbars(result.tiles, result.spec, 8)
+    n = result.crossbars
+    return {"crossbars": {"psq": n, "uniform16": u16, "uniform8": u8},
+            "reduction_vs_uniform16": u16 / n, "reduction_vs_uniform8": u8 / n,
+            "avg_bits": result.avg_bits, "cell_utilization": result.cell_utilization(),
+            "search_seconds": result.search_seconds}
