@@ -117,6 +117,9 @@ def distortion_mse(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray) ->
     return (hist @ err2.reshape(H, -1)).reshape(hist.shape[0], len(bits), len(ratios))
 
 
+_CDF_CHUNK = 64
+
+
 def _logit(p: np.ndarray, eps: float) -> np.ndarray:
     p = np.clip(p, eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
@@ -145,16 +148,24 @@ def distortion_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray,
     s, L = candidate_grid(bits, ratios)                             # [B, S], [B]
     J = np.ceil(tau[None, None, :] / s[:, :, None]) - 1             # [B, S, Th]
     boundary = (J + 0.5) * s[:, :, None]
-    q_idx = np.clip(np.rint(boundary * H), 0, H).astype(np.int64)
+    q_idx = np.clip(np.ceil(boundary * H - 0.5), 0, H).astype(np.int64)   # bins whose centre is below
     q_idx = np.where(J >= L[:, None, None], H, q_idx)               # every level below t: Q = 1
-    cdfT, logitT = np.ascontiguousarray(cdf.T), np.ascontiguousarray(logit.T)   # [H+1, T]: row gathers
-    P, GP = cdfT[p_idx], logitT[p_idx]                                          # [Th, T]
-    Q = cdfT[q_idx]                                                             # [B, S, Th, T]
-    GQ = logitT[q_idx]
-    Q -= P
-    GQ -= GP
-    Q *= GQ
-    return np.moveaxis(Q.sum(axis=2, dtype=np.float64), 2, 0) / (thresholds - 1)
+    out = np.empty((T, len(bits), len(ratios)), dtype=np.float64)
+    # chunks of tiles keep the gathered [S, Th, chunk] blocks in cache
+    for a in range(0, T, _CDF_CHUNK):
+        b = min(T, a + _CDF_CHUNK)
+        cdfT, logitT = np.ascontiguousarray(cdf[a:b].T), np.ascontiguousarray(logit[a:b].T)   # [H+1, chunk]
+        P, GP = cdfT[p_idx], logitT[p_idx]                                                     # [Th, chunk]
+        shape = (len(ratios), len(tau), b - a)
+        Q, GQ = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        for bi in range(len(bits)):
+            np.take(cdfT, q_idx[bi], axis=0, out=Q)
+            np.take(logitT, q_idx[bi], axis=0, out=GQ)
+            Q -= P
+            GQ -= GP
+            Q *= GQ
+            out[a:b, bi, :] = Q.sum(axis=1).T
+    return out / (thresholds - 1)
 
 
 @dataclasses.dataclass

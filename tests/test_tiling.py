@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from psq_tvm.tiling import (Layer, ModelTiles, TileGrid, WeightError, grouped_conv_rule, roll, tiles, unroll,
+                            untile)
+
+
+@pytest.mark.parametrize("K,N,R,C", [(300, 70, 128, 128), (128, 256, 128, 128), (5, 3, 4, 2), (1, 1, 128, 128)])
+def test_tiles_roundtrip(rng, K, N, R, C):
+    m = rng.normal(size=(K, N)).astype(np.float32)
+    t = tiles(m, R, C)
+    assert len(t) == -(-K // R) * -(-N // C)
+    assert all(x.base is not None for x in t)  # views, not copies
+    assert np.array_equal(untile(t, K, N, R, C), m)
+
+
+def test_conv_unroll_im2col_order(rng):
+    w = rng.normal(size=(6, 4, 3, 2)).astype(np.float32)  # Cout=6, Cin/g=4, groups=2 -> Cin=8
+    mats = unroll(w, "conv2d", groups=2)
+    assert len(mats) == 2 and mats[0].shape == (4 * 3 * 2, 3)
+    for g in range(2):
+        for co in range(3):
+            for ci in range(4):
+                for i in range(3):
+                    for j in range(2):
+                        assert mats[g][(ci * 3 + i) * 2 + j, co] == w[g * 3 + co, ci, i, j]
+    assert np.array_equal(roll(mats, "conv2d", w.shape, 2), w)
+
+
+def test_dense_unroll_is_identity(rng):
+    w = rng.normal(size=(7, 5)).astype(np.float32)
+    assert unroll(w, "dense")[0] is w
+    assert np.array_equal(roll([w], "dense", w.shape), w)
+
+
+def test_blocks_cover_every_tile_once():
+    g = TileGrid(300, 270, 128, 128)
+    seen = np.concatenate([ids.ravel() for *_, ids in g.blocks()])
+    assert sorted(seen.tolist()) == list(range(g.n_tiles))
+
+
+def test_model_tiles_table(rng):
+    layers = [Layer("d", rng.normal(size=(200, 10)).astype(np.float32)),
+              Layer("c", rng.normal(size=(8, 2, 3, 3)).astype(np.float32), "conv2d", groups=4)]
+    mt = ModelTiles(layers, 128, 128)
+    assert mt.n_tiles == 2 + 4
+    assert mt.layer.tolist() == [0, 0, 1, 1, 1, 1]
+    assert mt.group.tolist() == [0, 0, 0, 1, 2, 3]
+    assert mt.nrows.tolist() == [128, 72, 18, 18, 18, 18]
+    assert mt.ncols.tolist() == [10, 10, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("w,msg", [
+    (np.zeros((0, 4), np.float32), "empty"),
+    (np.array([[1.0, np.nan]], np.float32), "NaN/Inf"),
+    (np.array([[1.0, np.inf]], np.float32), "NaN/Inf"),
+    (np.ones((2, 2), np.int32), "floating"),
+])
+def test_bad_weights(w, msg):
+    with pytest.raises(WeightError, match=msg):
+        Layer("bad", w)
+
+
+def test_bad_groups_and_kind(rng):
+    with pytest.raises(WeightError, match="groups"):
+        Layer("c", rng.normal(size=(6, 1, 3, 3)).astype(np.float32), "conv2d", groups=4)
+    with pytest.raises(WeightError, match="kind"):
+        Layer("x", rng.normal(size=(3, 3)).astype(np.float32), "conv3d")
+    with pytest.raises(WeightError, match="unique"):
+        ModelTiles([Layer("a", np.ones((2, 2), np.float32)), Layer("a", np.ones((2, 2), np.float32))], 4, 4)
+
+
+def test_grouped_rule():
+    on, why = grouped_conv_rule(128, 128, (64, 1, 3, 3), 64)     # depthwise 3x3
+    assert not on and "host" in why
+    on, why = grouped_conv_rule(128, 128, (240, 80, 1, 1), 3)    # shufflenet-style group conv
+    assert on and "block-diagonally" in why
+    assert grouped_conv_rule(128, 128, (64, 64, 3, 3), 1)[0]
