@@ -18,7 +18,7 @@ import numpy as np
 
 from .crossbar import CrossbarSpec
 from .packing import Placement, pack
-from .tiling import Layer, ModelTiles, empty_like_layout, roll, tile_blocks
+from .tiling import Layer, ModelTiles, canonical_blocks, empty_like_layout, roll, tile_blocks
 
 
 def level_limit(bits: np.ndarray | int) -> np.ndarray:
@@ -80,6 +80,16 @@ class QuantResult:
         return float(used / (self.crossbars * self.spec.rows * self.spec.cols))
 
     # -------------------------------------------------------------- weights
+    @property
+    def per_column(self) -> bool:
+        """True when every tile column (bitline) carries its own scale (``scales`` is ``[T, cols]``)."""
+        return self.scales.ndim == 2
+
+    def _scale_view(self, ids: np.ndarray, tc: int) -> np.ndarray:
+        """Scales of a canonical block ``[nr, tr, nc, tc]`` in a broadcastable shape."""
+        s = self.scales[ids]
+        return s[:, None, :, :tc] if s.ndim == 3 else s[:, None, :, None]
+
     def levels(self, layer: int) -> list[np.ndarray]:
         """Integer levels of each unrolled matrix of a layer (int16, same shape as the matrix)."""
         out = []
@@ -87,10 +97,9 @@ class QuantResult:
             if li != layer:
                 continue
             q = empty_like_layout(m, np.int16)
-            for (view, ids), (qview, _) in zip(tile_blocks(m, grid), tile_blocks(q, grid)):
-                s = self.scales[first + ids][:, None, :, None]
-                b = self.bits[first + ids][:, None, :, None]
-                qview[...] = quantize_levels(view, s, b)
+            for (view, ids), (qview, _) in zip(canonical_blocks(m, grid), canonical_blocks(q, grid)):
+                qview[...] = quantize_levels(view, self._scale_view(first + ids, view.shape[3]),
+                                             self.bits[first + ids][:, None, :, None])
             out.append(q)
         return out
 
@@ -100,17 +109,17 @@ class QuantResult:
         for li, _, m, grid, first in self.tiles.matrices():
             if li != layer:
                 continue
-            mats.append(self._dequant_matrix(m, grid, first))
+            out = empty_like_layout(m, np.float64)
+            for (view, ids), (oview, _) in zip(canonical_blocks(m, grid), canonical_blocks(out, grid)):
+                s = self._scale_view(first + ids, view.shape[3])
+                oview[...] = quantize_levels(view, s, self.bits[first + ids][:, None, :, None]) * s
+            mats.append(out)
         lay = self.tiles.layers[layer]
         return roll(mats, lay.kind, lay.weight.shape, lay.groups).astype(np.float32)
 
-    def _dequant_matrix(self, m: np.ndarray, grid, first: int) -> np.ndarray:
-        out = empty_like_layout(m, np.float64)
-        for (view, ids), (oview, _) in zip(tile_blocks(m, grid), tile_blocks(out, grid)):
-            s = self.scales[first + ids][:, None, :, None]
-            b = self.bits[first + ids][:, None, :, None]
-            oview[...] = quantize_levels(view, s, b) * s
-        return out
+    def scale_storage(self) -> int:
+        """Number of scale values the digital periphery stores (one per tile, or one per tile column)."""
+        return int(self.tiles.ncols.sum()) if self.per_column else int(self.tiles.n_tiles)
 
     # -------------------------------------------------------------- reports
     def layer_table(self) -> list[dict[str, Any]]:
@@ -137,6 +146,7 @@ class QuantResult:
         return {"method": self.method, "crossbars": self.crossbars, "avg_bits": self.avg_bits,
                 "cell_utilization": self.cell_utilization(), "tiles": int(self.tiles.n_tiles),
                 "weights": int(self.tiles.n_weights.sum()), "search_seconds": self.search_seconds,
+                "scale_values": self.scale_storage(),
                 "note": self.note}
 
 

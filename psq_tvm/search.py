@@ -30,11 +30,12 @@ import numpy as np
 from .allocation import Budget, allocate_budget, allocate_tolerance
 from .crossbar import CrossbarSpec
 from .quant import QuantResult
-from .tiling import Layer, ModelTiles, tile_blocks
+from .tiling import Layer, ModelTiles, canonical_blocks, tile_blocks
 
 OBJECTIVES = ("mse", "cdf-kl")
 DEFAULT_OBJECTIVE = "mse"
 WEIGHTINGS = ("layer", "none")
+GRANULARITIES = ("tile", "column")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +48,20 @@ class SearchConfig:
     bins: int = 2048            # fine histogram bins of |w| / max|w|
     thresholds: int = 128       # CDF thresholds for cdf-kl (bins must be a multiple)
     weighting: str = "layer"    # how tile distortions are summed for the budget
+    granularity: str = "tile"   # "tile": one scale per tile; "column": one per tile column (bitline)
+    column_bins: int = 128      # histogram bins per column when granularity == "column"
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown PSQ objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown scale granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+        if self.column_bins < 16 or (self.granularity == "column" and self.objective == "cdf-kl"
+                                     and self.column_bins % self.thresholds):
+            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 (and a multiple of "
+                             f"thresholds ({self.thresholds}) for cdf-kl per column)")
         if self.n_scales < 1:
             raise ValueError(f"n_scales must be >= 1, got {self.n_scales}")
         if not 0.0 < self.min_clip <= 1.0:
@@ -168,65 +177,120 @@ def distortion_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray,
     return out / (thresholds - 1)
 
 
+def column_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile-column histograms of ``|w| / max|w|_column``: ``([T * cols, bins], colmax [T, cols])``.
+
+    Row ``t * cols + c`` is column ``c`` of tile ``t``; columns beyond a ragged
+    tile's width are empty.
+    """
+    T, C = tiles.n_tiles, tiles.cols
+    colmax = np.zeros((T, C), dtype=np.float64)
+    counts = np.zeros(T * C * bins, dtype=np.int64)
+    for _, _, m, grid, first in tiles.matrices():
+        for view, ids in canonical_blocks(m, grid):
+            a = np.abs(view, dtype=np.float32)
+            cm = a.max(axis=1)                                          # [nr, nc, tc]
+            tc = view.shape[3]
+            colmax[first + ids, :tc] = cm
+            inv = np.where(cm > 0, bins / np.where(cm > 0, cm, 1), 0).astype(np.float32)
+            a *= inv[:, None]
+            idx = a.astype(np.int64)
+            np.minimum(idx, bins - 1, out=idx)
+            lo, hi = int(ids.min()), int(ids.max()) + 1
+            col_id = (ids - lo)[:, :, None] * C + np.arange(tc)         # [nr, nc, tc]
+            idx += (col_id * bins)[:, None]
+            a0 = (first + lo) * C * bins
+            counts[a0:a0 + (hi - lo) * C * bins] += np.bincount(idx.ravel(), minlength=(hi - lo) * C * bins)
+    return counts.reshape(T * C, bins).astype(np.float32), colmax
+
+
 @dataclasses.dataclass
 class CandidateTable:
-    """Best scale per tile and bitwidth, with its objective, before allocation."""
+    """Best scale per tile (or tile column) and bitwidth, with its objective, before allocation."""
 
     bits: tuple[int, ...]
     objective: np.ndarray     # [T, B] objective at the best ratio (reported units)
     distortion: np.ndarray    # [T, B] what the budget sums (weighted, comparable across layers)
     nsr: np.ndarray           # [T, B] tolerance measure (relative MSE or divergence)
-    ratio: np.ndarray         # [T, B] chosen clipping ratio
-    maxabs: np.ndarray        # [T]
+    ratio: np.ndarray         # [T, B] chosen clipping ratio, or [T, cols, B] per column
+    maxabs: np.ndarray        # [T], or [T, cols] per column
 
     def scales(self, bits_index: np.ndarray) -> np.ndarray:
-        """Scale per tile for the chosen bitwidth indices."""
+        """Scale per tile ``[T]`` (or per tile column ``[T, cols]``) for the chosen bitwidth indices."""
         t = np.arange(len(bits_index))
         L = np.array([2 ** (b - 1) - 1 for b in self.bits], dtype=np.float64)[bits_index]
-        s = self.ratio[t, bits_index] * self.maxabs / L
+        if self.ratio.ndim == 3:
+            s = self.ratio[t, :, bits_index] * self.maxabs / L[:, None]
+        else:
+            s = self.ratio[t, bits_index] * self.maxabs / L
         return np.where(self.maxabs > 0, s, 1.0)
+
+
+_ROW_CHUNK = 8192
+
+
+def _best_ratio(hist: np.ndarray, bits: Sequence[int], config: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Objective at the best clipping ratio per histogram row and bitwidth, and that ratio's index."""
+    rows = hist.shape[0]
+    val = np.empty((rows, len(bits)), dtype=np.float64)
+    best = np.empty((rows, len(bits)), dtype=np.int64)
+    for a in range(0, rows, _ROW_CHUNK):
+        h = hist[a:a + _ROW_CHUNK]
+        if config.objective == "mse":
+            raw = distortion_mse(h, bits, config.ratios)
+        else:
+            raw = distortion_cdf_kl(h, bits, config.ratios, config.thresholds)
+        k = np.argmin(raw, axis=2)                                     # first minimum: least clipping
+        best[a:a + len(h)] = k
+        val[a:a + len(h)] = np.take_along_axis(raw, k[:, :, None], axis=2)[:, :, 0]
+    return val, best
 
 
 def evaluate_candidates(tiles: ModelTiles, bits: Sequence[int], config: SearchConfig,
                         tile_importance: np.ndarray | None = None) -> CandidateTable:
     """Score every (bitwidth, clipping ratio) of every tile and keep the best ratio per bitwidth."""
-    hist, maxabs = tile_histograms(tiles, config.bins)
-    ratios = config.ratios
-    if config.objective == "mse":
-        raw = distortion_mse(hist, bits, ratios)
-    else:
-        raw = distortion_cdf_kl(hist, bits, ratios, config.thresholds)
-    best = np.argmin(raw, axis=2)                                    # first minimum: least clipping
-    t = np.arange(tiles.n_tiles)[:, None]
-    b = np.arange(len(bits))[None, :]
-    val = raw[t, b, best]                                            # [T, B]
-    ratio = ratios[best]
+    T, ratios = tiles.n_tiles, config.ratios
     n_w = tiles.n_weights.astype(np.float64)
-    centres = (np.arange(config.bins) + 0.5) / config.bins
-    if config.objective == "mse":
-        sq = maxabs ** 2
-        energy = (hist @ centres ** 2) * sq                          # sum w^2 per tile (histogram estimate)
-        objective = val * sq[:, None] / n_w[:, None]                 # mean squared error, weight units
-        nsr = np.where(energy[:, None] > 0, val * sq[:, None] / np.maximum(energy, 1e-300)[:, None], 0.0)
-        layer_energy = np.bincount(tiles.layer, weights=energy, minlength=len(tiles.layers))
-        if config.weighting == "layer":
-            distortion = val * sq[:, None] / np.maximum(layer_energy[tiles.layer], 1e-300)[:, None]
-        else:
-            distortion = val * sq[:, None]
+    if config.granularity == "tile":
+        bins = config.bins
+        hist, maxabs = tile_histograms(tiles, bins)
+        val, best = _best_ratio(hist, bits, config)
+        ratio = ratios[best]
+        scale2 = (maxabs ** 2)[:, None]
+        col_counts = None
     else:
-        objective = val
-        nsr = val
+        bins = config.column_bins
+        hist, maxabs = column_histograms(tiles, bins)
+        val, best = _best_ratio(hist, bits, config)
+        ratio = ratios[best].reshape(T, tiles.cols, len(bits))
+        scale2 = (maxabs ** 2).reshape(-1, 1)
+        col_counts = hist.sum(axis=1, dtype=np.float64)
+    centres = (np.arange(bins) + 0.5) / bins
+    if config.objective == "mse":
+        err = val * scale2                                            # sum of squared error, weight units
+        energy = (hist @ centres ** 2).astype(np.float64) * scale2[:, 0]
+        if col_counts is not None:
+            err = err.reshape(T, tiles.cols, len(bits)).sum(axis=1)
+            energy = energy.reshape(T, tiles.cols).sum(axis=1)
+        objective = err / n_w[:, None]                                # mean squared error per weight
+        nsr = err / np.where(energy > 0, energy, np.inf)[:, None]
+        layer_energy = np.bincount(tiles.layer, weights=energy, minlength=len(tiles.layers))
+        norm = layer_energy[tiles.layer] if config.weighting == "layer" else np.ones(T)
+        distortion = err / np.maximum(norm, 1e-300)[:, None]
+    else:
+        div = val
+        if col_counts is not None:
+            div = (val * col_counts[:, None]).reshape(T, tiles.cols, len(bits)).sum(axis=1) / n_w[:, None]
+        objective = nsr = div
         layer_w = np.bincount(tiles.layer, weights=n_w, minlength=len(tiles.layers))
-        if config.weighting == "layer":
-            distortion = val * (n_w / layer_w[tiles.layer])[:, None]
-        else:
-            distortion = val * n_w[:, None]
+        share = n_w / layer_w[tiles.layer] if config.weighting == "layer" else n_w
+        distortion = div * share[:, None]
     if tile_importance is not None:
         distortion = distortion * np.asarray(tile_importance, dtype=np.float64)[:, None]
-    zero = maxabs == 0
+    zero = (maxabs.reshape(T, -1).max(axis=1) == 0)
     objective[zero] = 0.0
     distortion[zero] = 0.0
-    nsr[zero] = 0.0
+    nsr = np.where(zero[:, None], 0.0, nsr)
     return CandidateTable(tuple(bits), objective, distortion, nsr, ratio, maxabs)
 
 

@@ -266,3 +266,14 @@ def empty_like_layout(matrix: np.ndarray, dtype) -> np.ndarray:
     if not matrix.flags.c_contiguous and matrix.T.flags.c_contiguous:
         return np.empty(matrix.T.shape, dtype=dtype).T
     return np.empty(matrix.shape, dtype=dtype)
+
+
+def canonical_blocks(matrix: np.ndarray, grid: TileGrid) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Like :func:`tile_blocks` but always oriented ``[nr, tr, nc, tc]`` (rows, then columns of the matrix).
+
+    Slower to reduce over than :func:`tile_blocks` for transposed storage, but
+    per-column quantities (axis 3 = the tile's columns) read the same way for every layout.
+    """
+    transposed = not matrix.flags.c_contiguous and matrix.T.flags.c_contiguous
+    for view, ids in tile_blocks(matrix, grid):
+        yield (view.transpose(2, 3, 0, 1), ids.T) if transposed else (view, ids)
