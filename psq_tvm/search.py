@@ -75,6 +75,9 @@ class SearchConfig:
         return np.linspace(1.0, self.min_clip, self.n_scales)
 
 
+_CACHE_ELEMENTS = 1 << 17
+
+
 def tile_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile histograms of ``|w| / max|w|`` and per-tile ``max|w|``.
 
@@ -86,18 +89,21 @@ def tile_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarra
     maxabs = np.zeros(T, dtype=np.float64)
     counts = np.zeros(T * bins, dtype=np.int64)
     for _, _, m, grid, first in tiles.matrices():
-        for view, ids in tile_blocks(m, grid):
-            a = np.abs(view, dtype=np.float32) if view.dtype != np.float32 else np.abs(view)
-            mx = a.max(axis=(1, 3))
-            maxabs[first + ids] = mx
-            inv = np.where(mx > 0, bins / np.where(mx > 0, mx, 1), 0).astype(np.float32)
-            a *= inv[:, None, :, None]
-            idx = a.astype(np.int64)
-            np.minimum(idx, bins - 1, out=idx)
-            lo, hi = int(ids.min()), int(ids.max()) + 1
-            idx += ((ids - lo) * bins)[:, None, :, None]
-            a0 = (first + lo) * bins
-            counts[a0:a0 + (hi - lo) * bins] += np.bincount(idx.ravel(), minlength=(hi - lo) * bins)
+        for block, block_ids in tile_blocks(m, grid):
+            step = max(1, _CACHE_ELEMENTS // (block[0].size or 1))
+            for i0 in range(0, block.shape[0], step):          # cache-sized pieces
+                view, ids = block[i0:i0 + step], block_ids[i0:i0 + step]
+                a = np.abs(view, dtype=np.float32)
+                mx = a.max(axis=(1, 3))
+                maxabs[first + ids] = mx
+                inv = np.where(mx > 0, bins / np.where(mx > 0, mx, 1), 0).astype(np.float32)
+                a *= inv[:, None, :, None]
+                idx = a.astype(np.int64)
+                np.minimum(idx, bins - 1, out=idx)
+                lo, hi = int(ids.min()), int(ids.max()) + 1
+                idx += ((ids - lo) * bins)[:, None, :, None]
+                a0 = (first + lo) * bins
+                counts[a0:a0 + (hi - lo) * bins] += np.bincount(idx.ravel(), minlength=(hi - lo) * bins)
     return counts.reshape(T, bins).astype(np.float64), maxabs
 
 
