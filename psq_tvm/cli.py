@@ -1,0 +1,302 @@
+"""``tvmc``: compile ONNX models for crossbar PIM (pim-psq) or llvm, run and inspect the packages.
+
+Follows the conventions of TVM's former tvmc (removed from TVM's PyPI wheels):
+``tvmc compile --target pim-psq MODEL.onnx -o OUT.tar``, ``tvmc run OUT.tar --inputs IN.npz``,
+``tvmc report OUT.tar``.  Progress goes to stderr; any failure prints one line
+``tvmc: error: ...`` and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from .crossbar import DEFAULT_PRESET, PRESETS
+
+_SPEC_HELP = {
+    "rows": "wordlines (inputs) per crossbar",
+    "cols": "bitlines (outputs) per crossbar",
+    "cell_bits": "bits stored per cell",
+    "encoding": "signed-weight encoding: offset (ISAAC) or differential (+/- arrays)",
+    "dac_bits": "input bits applied per cycle (bit-serial inputs)",
+    "act_bits": "activation precision in bits",
+    "adc_bits": "ADC resolution in bits, or 'none' for lossless",
+    "weight_bits": "candidate weight bitwidths the search may choose, e.g. '2-8' or '2,4,8'",
+    "baseline_bits": "uniform bitwidth of the design's own baseline",
+}
+
+
+class CLIError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with tvmc's one-line error convention (``tvmc: error: ...``, exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"tvmc: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _progress(quiet: bool):
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"tvmc: [{time.perf_counter() - t0:6.2f}s] {msg}", file=sys.stderr, flush=True)
+    return say
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .targets.pim_psq import SPEC_OPTIONS, TARGETS
+
+    p = _Parser(
+        prog="tvmc", description="Compile ONNX models for crossbar processing-in-memory (target pim-psq: PSQ "
+        "per-tile scale and bitwidth, crossbar programming tables) or for the host (llvm); run and inspect "
+        "the resulting packages.")
+    sub = p.add_subparsers(dest="command", metavar="{compile,run,report}")
+
+    c = sub.add_parser("compile", help="compile an ONNX model into a package (.tar)",
+                       description="Compile an ONNX model into a package: host library, manifest.json, "
+                       "crossbar level blobs and the report (format: docs/package_format.md).")
+    c.add_argument("FILE", help="ONNX model file")
+    c.add_argument("-o", "--output", default="module.tar", help="output package path (default: module.tar)")
+    c.add_argument("--target", default="pim-psq", choices=TARGETS,
+                   help="pim-psq: PIM layers on crossbars, rest on llvm (default); llvm: plain host build")
+    c.add_argument("--input-shapes", metavar="SHAPES",
+                   help="input shapes, e.g. \"input:[1,3,224,224]\" (several separated by spaces); needed for "
+                   "symbolic dims other than a leading batch dim (which defaults to 1)")
+    c.add_argument("--target-pim-psq-preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"crossbar preset the options below override (default: {DEFAULT_PRESET})")
+    for f in SPEC_OPTIONS:
+        c.add_argument(f"--target-pim-psq-{f.replace('_', '-')}", dest=f"spec_{f}", metavar="VALUE",
+                       help=f"crossbar option: {_SPEC_HELP.get(f, f)} (default: from the preset)")
+    c.add_argument("--psq-objective", default="mse", choices=["mse", "cdf-kl"],
+                   help="per-tile distortion the search minimises (default: mse)")
+    c.add_argument("--psq-budget", metavar="KIND=VALUE",
+                   help="whole-model budget: avg-bits=4.5, crossbars=N or reduction=3.5 (x fewer crossbars than "
+                   "uniform 16-bit); default reduction=4")
+    c.add_argument("--psq-tolerance", type=float, metavar="T",
+                   help="instead of a budget: each tile takes the smallest bitwidth whose distortion is below T")
+    c.add_argument("--psq-bits", metavar="BITS", help="candidate bitwidths for the search, e.g. '2-8' (default: "
+                   "the spec's weight_bits)")
+    c.add_argument("--emit-c-header", nargs="?", const=True, default=False, metavar="PATH",
+                   help="add the tables as a C header (pim_psq_tables.h) to the package, and write it to PATH "
+                   "if given")
+    c.add_argument("--no-float-weights", action="store_true",
+                   help="do not store the original float weights (then `tvmc run --mode float` is unavailable)")
+    c.add_argument("--no-fold-batchnorm", action="store_true",
+                   help="keep BatchNormalization on the host instead of folding it into the preceding conv's "
+                   "weights and bias before quantisation (default: fold)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+
+    r = sub.add_parser("run", help="run a compiled package on inputs from an .npz file",
+                       description="Run a package. PIM layers execute in the chosen mode; host layers in the "
+                       "package's llvm library.")
+    r.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
+    r.add_argument("--inputs", metavar="IN.npz", help="inputs, one array per model input name (a single-input "
+                   "model takes any one array; extra leading samples are run in compiled-batch chunks; an array "
+                   "named 'labels' gives accuracy). Without it, seeded random inputs are used.")
+    r.add_argument("--outputs", metavar="OUT.npz", help="write outputs here (output_0, output_1, ...)")
+    r.add_argument("--print-top", type=int, metavar="N", help="print the top-N classes of the first output")
+    r.add_argument("--mode", default=None, choices=["sim", "fake-quant", "float"],
+                   help="sim: functional crossbar simulator; fake-quant: weights decoded from the crossbar cells, "
+                   "float activations; float: the original float weights (default: sim when the simulator is "
+                   "available, else fake-quant)")
+    r.add_argument("--verify", action="store_true",
+                   help="also compare every PIM layer against its fake-quantised golden reference and the whole "
+                   "output against the float model")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+
+    rp = sub.add_parser("report", help="per-layer tiles, bitwidths and crossbars vs. baselines of a package")
+    rp.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
+    rp.add_argument("--json", action="store_true", help="print the report as JSON")
+    rp.add_argument("--plot", metavar="FILE.png", help="draw bitwidths per layer/tile and crossbars per layer")
+    return p
+
+
+# ------------------------------------------------------------------ compile
+def cmd_compile(a) -> int:
+    from .api import compile as psq_compile
+    from .targets.pim_psq import SPEC_OPTIONS
+
+    say = _progress(a.quiet)
+    overrides = {f: getattr(a, f"spec_{f}") for f in SPEC_OPTIONS if getattr(a, f"spec_{f}") is not None}
+    if a.target == "llvm" and (overrides or a.psq_budget or a.psq_tolerance is not None or a.psq_bits):
+        say("note: --target llvm ignores the crossbar and PSQ options")
+    if not a.output:
+        raise CLIError("-o/--output must name the package file")
+    pkg = psq_compile(a.FILE, a.target, input_shapes=a.input_shapes, preset=a.target_pim_psq_preset,
+                      objective=a.psq_objective, budget=a.psq_budget, tolerance=a.psq_tolerance, bits=a.psq_bits,
+                      emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
+                      fold_batchnorm=not a.no_fold_batchnorm, progress=say,
+                      **overrides)
+    pkg.save(a.output)
+    if isinstance(a.emit_c_header, str):
+        tmp = a.emit_c_header + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(pkg.extras["pim_psq_tables.h"])
+        os.replace(tmp, a.emit_c_header)
+    rep = pkg.report
+    if a.target == "pim-psq" and rep.get("reduction_vs_uniform16") is not None:
+        c = rep["crossbars"]
+        say(f"{rep['n_pim_layers']} PIM layers, {rep['n_host_layers']} host; crossbars PSQ {c['psq']} vs uniform16 "
+            f"{c['uniform16']} ({rep['reduction_vs_uniform16']:.2f}x), uniform8 {c['uniform8']} "
+            f"({rep['reduction_vs_uniform8']:.2f}x); avg bits {rep['avg_bits']:.2f}")
+    say(f"wrote {a.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------- run
+def _default_mode() -> str:
+    try:
+        from . import simulator  # noqa: F401
+        return "sim"
+    except ImportError:
+        return "fake-quant"
+
+
+def _load_inputs(pkg, path: str | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    info = pkg.manifest.get("inputs", [])
+    if path is None:
+        rng = np.random.default_rng(0)
+        return {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in info}, None
+    if not os.path.exists(path):
+        raise CLIError(f"inputs file {path!r} does not exist")
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise CLIError(f"cannot read inputs {path!r} as .npz: {e}") from None
+    labels = data.pop("labels", None)
+    names = [i["name"] for i in info]
+    if all(n in data for n in names):
+        return {n: data[n] for n in names}, labels
+    if len(names) == 1 and len(data) == 1:
+        return {names[0]: next(iter(data.values()))}, labels
+    raise CLIError(f"inputs {path!r} has arrays {sorted(data)}; the model takes {names}")
+
+
+def cmd_run(a) -> int:
+    from .package import load
+
+    say = _progress(a.quiet)
+    pkg = load(a.PACKAGE)
+    mode = a.mode or _default_mode()
+    inputs, labels = _load_inputs(pkg, a.inputs)
+    info = pkg.manifest["inputs"]
+    say(f"running {a.PACKAGE} in mode {mode}")
+    batched = (len(info) == 1 and inputs[info[0]["name"]].ndim == len(info[0]["shape"])
+               and list(inputs[info[0]["name"]].shape[1:]) == list(info[0]["shape"][1:])
+               and inputs[info[0]["name"]].shape[0] != info[0]["shape"][0])
+    if batched:
+        outs = [pkg.run_batched(inputs[info[0]["name"]], mode)]
+    else:
+        outs = pkg.run(inputs, mode)
+    if a.outputs:
+        tmp = a.outputs + ".tmp.npz"
+        np.savez(tmp, **{f"output_{k}": o for k, o in enumerate(outs)})
+        os.replace(tmp, a.outputs)
+        say(f"wrote {a.outputs}")
+    first = outs[0]
+    if a.print_top:
+        scores = first.reshape(first.shape[0], -1) if first.ndim > 1 else first[None]
+        for s, row in enumerate(scores[:5]):
+            top = np.argsort(-row, kind="stable")[:a.print_top]
+            print(f"sample {s}: " + "  ".join(f"class {int(k)}: {row[k]:.4f}" for k in top))
+    if labels is not None and first.ndim == 2 and len(labels) == len(first):
+        acc = float((first.argmax(1) == np.asarray(labels)).mean())
+        print(f"accuracy ({mode}): {acc:.4f} on {len(labels)} samples")
+    if not a.print_top and not a.outputs and labels is None:
+        for k, o in enumerate(outs):
+            print(f"output_{k}: shape {list(o.shape)} dtype {o.dtype} mean {float(o.mean()):.6g} "
+                  f"max|.| {float(np.abs(o).max()):.6g}")
+    if a.verify:
+        verify(pkg, inputs, mode, batched, say)
+    return 0
+
+
+def verify(pkg, inputs: dict, mode: str, batched: bool, say) -> None:
+    """--verify: per-layer error vs. the golden fake-quantised layer, and output error vs. float.
+
+    If ``psq_tvm.simulator`` provides ``verify_package(pkg, inputs, mode)`` it is used instead
+    (the simulator owns the definition of golden); otherwise this default runs.
+    """
+    try:
+        from . import simulator
+    except ImportError:
+        simulator = None
+    if simulator is not None and hasattr(simulator, "verify_package"):
+        print(simulator.verify_package(pkg, inputs, mode))
+        return
+    info = pkg.manifest["inputs"]
+    one = {k: (v[: info[0]["shape"][0]] if batched else v) for k, v in inputs.items()}
+    outs, trace = pkg.run(one, mode, trace=True)
+    ref = pkg.run(one, "float")[0] if any(l.get("float_weight") for l in pkg.layers) else None
+    layers = {str(l["id"]): l for l in pkg.layers}
+    print(f"verify ({mode}), first batch:")
+    for lid, x, y in trace:
+        lay = layers[lid]
+        if simulator is not None and hasattr(simulator, "golden_layer"):
+            xx = np.swapaxes(x, -1, -2) if lay.get("operand") == "left" and x.ndim >= 2 else x
+            bias = pkg.blob(lay["bias"]) if lay.get("bias") else None
+            g = simulator.golden_layer(xx, lay, pkg.blob("crossbars"), pkg.spec, bias)
+            if lay.get("operand") == "left" and g.ndim >= 2:
+                g = np.swapaxes(g, -1, -2)
+            err = float(np.abs(y - g).max() / (np.abs(g).max() + 1e-12))
+            print(f"  {lay['name']:<28} max rel err vs golden {err:.3e}")
+    if ref is not None:
+        o = outs[0]
+        rel = float(np.abs(o - ref).max() / (np.abs(ref).max() + 1e-12))
+        line = f"  output vs float model: max rel err {rel:.3e}"
+        if o.ndim == 2 and o.shape[1] > 1:
+            line += f", top-1 agreement {float((o.argmax(1) == ref.argmax(1)).mean()):.3f}"
+        print(line)
+
+
+# ------------------------------------------------------------------- report
+def cmd_report(a) -> int:
+    from .package import load
+    from .report import format_table, plot
+
+    pkg = load(a.PACKAGE)
+    rep = pkg.report
+    if a.json:
+        print(json.dumps(rep, indent=1, sort_keys=True))
+    else:
+        print(f"package {a.PACKAGE}: model {pkg.manifest.get('model')}, target {pkg.manifest.get('target')}, "
+              f"spec {pkg.spec.name} ({pkg.spec.rows}x{pkg.spec.cols}, {pkg.spec.cell_bits}-bit cells, "
+              f"{pkg.spec.encoding})")
+        print(format_table(rep))
+    if a.plot:
+        plot(rep, a.plot)
+        print(f"wrote {a.plot}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if not a.command:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return {"compile": cmd_compile, "run": cmd_run, "report": cmd_report}[a.command](a)
+    except KeyboardInterrupt:
+        print("tvmc: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line, no traceback (set PSQ_TVM_TRACEBACK=1 to see it)
+        if os.environ.get("PSQ_TVM_TRACEBACK"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"tvmc: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,453 @@
+"""ONNX -> Relax import: load, fix input shapes, fold shape arithmetic, import, fold constants.
+
+TVM 0.27's ONNX importer rejects reshape targets computed at run time from
+``Shape``/``Gather``/``Concat`` subgraphs ("Reshape requires the input new shape
+to be Shape"), which exporters such as paddle2onnx, tf2onnx and older PyTorch
+emit.  Once the input shapes are known such subgraphs are constants, so
+:func:`fold_onnx` evaluates every node whose inputs are all known (``Shape`` of a
+tensor whose inferred shape is static counts as known) with ONNX's reference
+evaluator and replaces it by an initializer, before TVM sees the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+class ModelImportError(ValueError):
+    """A model that cannot be loaded or imported (message names the model and what to do)."""
+
+
+
+#: ops folded when all inputs are constant (cheap shape arithmetic and constant producers)
+_FOLDABLE = {
+    "Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Reshape", "Mul", "Add", "Sub",
+    "Div", "ConstantOfShape", "Constant", "Range", "Identity", "Expand", "Transpose", "ReduceProd", "Equal",
+    "Where", "Floor", "Ceil", "Sqrt", "Min", "Max", "Neg", "Abs", "Flatten", "Tile", "Pow", "Not", "And", "Or",
+    "Less", "Greater", "NonZero", "ScatterND", "CumSum", "Split", "Mod", "Clip", "Relu", "Sign", "Round",
+}
+_MAX_FOLD_ELEMS = 1 << 24
+
+
+def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
+    """``"input:[1,3,224,224] other:[1,10]"`` (space or ';' separated) -> {name: shape}."""
+    if not text:
+        return {}
+    out: dict[str, list[int]] = {}
+    for m in re.finditer(r"([^\s;:\[]+(?::[^\s;:\[]+)*)\s*:\s*\[([^\]]*)\]", text):
+        name, dims = m.group(1), m.group(2)
+        try:
+            out[name] = [int(d) for d in dims.replace(" ", "").split(",") if d != ""]
+        except ValueError:
+            raise ModelImportError(f"cannot parse --input-shapes {text!r}: dims of {name!r} must be integers") from None
+    if not out:
+        raise ModelImportError(f"cannot parse --input-shapes {text!r}: expected e.g. 'input:[1,3,224,224]'")
+    return out
+
+
+def load_onnx(model_or_path: Any):
+    """An ``onnx.ModelProto`` from a path, bytes or a model; clear errors for damaged files."""
+    import onnx
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    if isinstance(model_or_path, (bytes, bytearray)):
+        data, where = bytes(model_or_path), "<bytes>"
+    else:
+        where = os.fspath(model_or_path)
+        if not os.path.exists(where):
+            raise ModelImportError(f"model file {where!r} does not exist")
+        with open(where, "rb") as f:
+            data = f.read()
+    if not data:
+        raise ModelImportError(f"model {where!r} is empty; expected an ONNX file")
+    try:
+        model = onnx.ModelProto()
+        model.ParseFromString(data)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ModelImportError(f"model {where!r} is not a readable ONNX file (truncated or damaged?): {e}") from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelImportError(f"model {where!r} has no graph; is it really an ONNX model (truncated file?)")
+    if isinstance(model_or_path, (str, os.PathLike)) and model.graph and model.ByteSize() == 0:
+        raise ModelImportError(f"model {where!r} is empty")
+    if os.path.isfile(str(where)) and any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        from onnx.external_data_helper import load_external_data_for_model
+        load_external_data_for_model(model, os.path.dirname(os.path.abspath(where)))
+    return model
+
+
+def _check(model, where: str) -> None:
+    import onnx
+
+    # opset support first (the checker's message for an unknown opset is obscure)
+    top = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and not 1 <= op.version <= top:
+            raise ModelImportError(f"model {where}: unsupported ONNX opset {op.version} (supported: 1..{top}); "
+                                   "re-export the model with a supported opset")
+    inits = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    produced = set(inits)
+    for n in model.graph.node:
+        for i in n.input:
+            if i and i not in produced:
+                raise ModelImportError(
+                    f"model {where}: node {n.name or n.op_type!r} reads {i!r}, which no initializer, input or "
+                    "earlier node provides (missing initializer?)")
+        produced.update(n.output)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelImportError(f"model {where}: ONNX checker rejects it: {msg}") from None
+
+
+def set_input_shapes(model, shapes: Mapping[str, Sequence[int]], where: str = "model"):
+    """Fix the (possibly symbolic) dims of graph inputs; returns the model (modified in place)."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    names = [i.name for i in inputs]
+    for name in shapes:
+        if name not in names:
+            raise ModelImportError(f"--input-shapes names {name!r}, but {where} has inputs {names}")
+    for inp in inputs:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in shapes:
+            shp = list(shapes[inp.name])
+            if dims and len(dims) != len(shp):
+                raise ModelImportError(f"--input-shapes gives {inp.name!r} rank {len(shp)}, {where} declares rank {len(dims)}")
+            del inp.type.tensor_type.shape.dim[:]
+            for d in shp:
+                inp.type.tensor_type.shape.dim.add().dim_value = int(d)
+        else:
+            for k, d in enumerate(dims):
+                if not d.HasField("dim_value") or d.dim_value <= 0:
+                    if k == 0:  # a symbolic batch dim: default 1
+                        d.Clear()
+                        d.dim_value = 1
+                    else:
+                        raise ModelImportError(
+                            f"{where}: input {inp.name!r} has a symbolic dim {k} ({d.dim_param or '?'}); "
+                            f"give it with --input-shapes \"{inp.name}:[...]\"")
+    return model
+
+
+def input_info(model) -> list[dict[str, Any]]:
+    """[{name, shape, dtype}] of the graph inputs that are not initializers."""
+    from onnx import helper
+
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        out.append({"name": inp.name, "shape": [int(d.dim_value) for d in tt.shape.dim],
+                    "dtype": str(np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)))})
+    return out
+
+
+def fold_onnx(model):
+    """Shape inference plus constant folding of every node whose inputs are known; returns a new model."""
+    import onnx
+    from onnx import helper, numpy_helper, shape_inference
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        model = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        pass
+    known: dict[str, np.ndarray] = {t.name: None for t in model.graph.initializer}  # lazily converted
+    init_by_name = {t.name: t for t in model.graph.initializer}
+    static_shape: dict[str, list[int]] = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            static_shape[vi.name] = [int(d.dim_value) for d in dims]
+
+    def value(name: str) -> np.ndarray:
+        v = known[name]
+        if v is None:
+            v = numpy_helper.to_array(init_by_name[name])
+            known[name] = v
+        return v
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    new_nodes = []
+    new_inits = []
+    for node in model.graph.node:
+        foldable = False
+        if node.domain in ("", "ai.onnx") and node.op_type in _FOLDABLE and not any(
+                a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
+            if node.op_type == "Shape" and node.input[0] in static_shape and node.input[0] not in known:
+                shp = np.array(static_shape[node.input[0]], dtype=np.int64)
+                start = next((a.i for a in node.attribute if a.name == "start"), 0)
+                end = next((a.i for a in node.attribute if a.name == "end"), None)
+                shp = shp[start:end]
+                known[node.output[0]] = shp
+                new_inits.append(numpy_helper.from_array(shp, node.output[0]))
+                continue
+            if node.op_type == "Size" and node.input[0] in static_shape and node.input[0] not in known:
+                v = np.array(int(np.prod(static_shape[node.input[0]])), dtype=np.int64)
+                known[node.output[0]] = v
+                new_inits.append(numpy_helper.from_array(v, node.output[0]))
+                continue
+            foldable = all((not i) or i in known for i in node.input)
+            if foldable and sum(value(i).size for i in node.input if i) > _MAX_FOLD_ELEMS:
+                foldable = False
+        if foldable:
+            try:
+                ins = [i for i in node.input if i]
+                sub = helper.make_model(
+                    helper.make_graph([node], "fold", [], [helper.make_tensor_value_info(o, 0, None) for o in node.output if o],
+                                      [numpy_helper.from_array(value(i), i) for i in ins]),
+                    opset_imports=[helper.make_opsetid("", opset)])
+                outs = ReferenceEvaluator(sub).run(None, {})
+                for o, v in zip([o for o in node.output if o], outs):
+                    v = np.asarray(v)
+                    if v.size > _MAX_FOLD_ELEMS:
+                        raise ValueError("too large")
+                    known[o] = v
+                    new_inits.append(numpy_helper.from_array(v, o))
+                continue
+            except Exception:
+                pass
+        new_nodes.append(node)
+    if not new_inits:
+        return model
+    # keep only initializers still read by some node or graph output
+    used = {i for n in new_nodes for i in n.input} | {o.name for o in model.graph.output}
+    g = model.graph
+    keep_inits = [t for t in g.initializer if t.name in used] + [t for t in new_inits if t.name in used]
+    folded = {t.name for t in new_inits}
+    orig_inits = set(init_by_name)
+    inputs = [i for i in g.input if i.name not in folded and not (i.name in orig_inits and i.name not in used)]
+    graph = helper.make_graph(new_nodes, g.name, inputs,
+                              list(g.output), keep_inits, value_info=list(g.value_info))
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.producer_name = model.producer_name
+    return out
+
+
+def fold_batchnorm(model):
+    """Fold inference BatchNormalization into the preceding Conv's constant weight and bias.
+
+    Standard deployment practice (the crossbars then hold the folded weights, and the host
+    no longer runs a per-channel affine after every conv).  Only Conv -> BatchNormalization
+    pairs where the conv output feeds nothing else and all parameters are constants.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    outputs = {o.name for o in g.output}
+    node_list = list(g.node)
+    producer = {o: k for k, n in enumerate(node_list) for o in n.output}
+    drop, new_inits, changed = set(), [], False
+    replaced: dict[int, object] = {}
+    for bk, bn in enumerate(node_list):
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or len(bn.input) != 5:
+            continue
+        ck = producer.get(bn.input[0])
+        conv = node_list[ck] if ck is not None else None
+        if conv is None or conv.op_type != "Conv" or consumers.get(conv.output[0], 0) != 1 or conv.output[0] in outputs:
+            continue
+        if not all(i in inits for i in bn.input[1:]) or conv.input[1] not in inits:
+            continue
+        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits:
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:])
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+             if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        k = gamma / np.sqrt(var + eps)
+        wn, bname = f"{conv.input[1]}__bnfolded", f"{bn.output[0]}__bnbias"
+        new_inits += [numpy_helper.from_array((w.astype(np.float64) * k.reshape(-1, 1, 1, 1)).astype(w.dtype), wn),
+                      numpy_helper.from_array(((b - mean) * k + beta).astype(w.dtype), bname)]
+        nc = helper.make_node("Conv", [conv.input[0], wn, bname], [bn.output[0]], name=conv.name or bn.name)
+        nc.attribute.extend(conv.attribute)
+        replaced[ck] = nc
+        drop.add(bk)
+        changed = True
+    if not changed:
+        return model
+    nodes = [replaced.get(k, n) for k, n in enumerate(node_list) if k not in drop]
+    used = {i for n in nodes for i in n.input} | outputs
+    keep = [t for t in g.initializer if t.name in used] + new_inits
+    inputs = [i for i in g.input if i.name not in inits or i.name in used]
+    graph = helper.make_graph(nodes, g.name, inputs, list(g.output), keep, value_info=list(g.value_info))
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.producer_name = model.producer_name
+    return out
+
+
+def weight_names(model) -> dict[str, str]:
+    """Map fingerprint of a constant weight, as Relax will hold it, -> ONNX node name (for layer names)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, str] = {}
+    for k, n in enumerate(model.graph.node):
+        name = n.name or f"{n.op_type.lower()}_{k}"
+        attrs = {a.name: a for a in n.attribute}
+        cands = []
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
+            cands.append(numpy_helper.to_array(inits[n.input[1]]))
+        elif n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in inits:
+            w = numpy_helper.to_array(inits[n.input[1]])
+            cands.append(w.T if "transB" in attrs and attrs["transB"].i else w)
+        elif n.op_type == "MatMul":
+            for i in n.input[:2]:
+                if i in inits:
+                    cands.append(numpy_helper.to_array(inits[i]))
+        for w in cands:
+            out.setdefault(fingerprint(w), name)
+    return out
+
+
+def fingerprint(w: np.ndarray) -> str:
+    """Identity of a weight for naming layers: shape plus up to 65536 evenly strided values (fast on big weights)."""
+    w = np.asarray(w)
+    flat = w.reshape(-1)
+    step = max(1, flat.size // 65536)
+    sample = np.ascontiguousarray(flat[::step], dtype=np.float32)
+    return hashlib.sha1(str(w.shape).encode() + sample.tobytes()).hexdigest()
+
+
+def prepare_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | str | None = None,
+                 batchnorm: bool = True):
+    """Load, check, fix shapes and fold an ONNX model (and BatchNorm into convs); returns ``(model, where)``."""
+    where = repr(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else "<model>"
+    model = load_onnx(model_or_path)
+    _check(model, where)
+    if isinstance(input_shapes, str):
+        input_shapes = parse_input_shapes(input_shapes)
+    set_input_shapes(model, input_shapes or {}, where)
+    model = fold_onnx(model)
+    if batchnorm:
+        model = fold_batchnorm(model)
+    return model, where
+
+
+def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | str | None = None,
+                batchnorm: bool = True):
+    """ONNX -> Relax IRModule with weights as folded constants.
+
+    Returns ``(mod, info)`` with ``info`` = {"inputs": [...], "names": {fingerprint: onnx node name},
+    "model": display name}.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model, where = prepare_onnx(model_or_path, input_shapes, batchnorm)
+    inputs = input_info(model)
+    shape_dict = {i["name"]: i["shape"] for i in inputs}
+    dtype_dict = {i["name"]: i["dtype"] for i in inputs}
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "X in initializer but not in graph input" (IR < 4 models)
+            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+    except Exception as e:
+        msg = " ".join(str(e).strip().split())[:400] or type(e).__name__
+        raise ModelImportError(f"model {where}: TVM's ONNX importer failed: {msg}") from None
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod, left = fold_constants_numpy(mod)
+    if left:
+        mod = relax.transform.FoldConstant()(mod)   # whatever numpy did not cover (rare)
+    return mod, {"inputs": inputs, "names": weight_names(model), "model": where}
+
+
+# ------------------------------------------------------------------ relax constant folding in numpy
+#: relax ops on constants folded with numpy; TVM's FoldConstant compiles one TIR kernel per
+#: distinct op/shape, which costs seconds on models with a reshaped bias per conv
+_NP_UNARY = {"relax.isnan": np.isnan, "relax.sqrt": np.sqrt, "relax.negative": np.negative, "relax.abs": np.abs,
+             "relax.exp": np.exp, "relax.rsqrt": lambda a: 1.0 / np.sqrt(a), "relax.isinf": np.isinf,
+             "relax.logical_not": np.logical_not}
+_NP_BINARY = {"relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
+              "relax.divide": np.divide, "relax.maximum": np.maximum, "relax.minimum": np.minimum,
+              "relax.power": np.power, "relax.equal": np.equal, "relax.less": np.less, "relax.greater": np.greater}
+
+
+def _static_shape(ty) -> list[int] | None:
+    from tvm import relax
+
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    try:
+        return [int(d) for d in ty.shape.values]
+    except Exception:
+        return None
+
+
+def _np_eval(call) -> np.ndarray | None:
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    op = call.op.name
+    shape = _static_shape(call.ty)
+    if shape is None:
+        return None
+    dtype = str(call.ty.dtype)
+    args = [a.value.numpy() if isinstance(a, Constant) else a for a in call.args]
+    if op in _NP_UNARY and len(args) == 1 and isinstance(args[0], np.ndarray):
+        out = _NP_UNARY[op](args[0])
+    elif op in _NP_BINARY and len(args) == 2 and all(isinstance(a, np.ndarray) for a in args):
+        with np.errstate(all="ignore"):
+            out = _NP_BINARY[op](args[0], args[1])
+    elif op in ("relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten") and isinstance(args[0], np.ndarray):
+        out = args[0].reshape(shape)
+    elif op == "relax.permute_dims" and isinstance(args[0], np.ndarray):
+        axes = call.attrs.axes
+        out = np.transpose(args[0], None if axes is None else [int(a) for a in axes])
+    elif op == "relax.astype" and isinstance(args[0], np.ndarray):
+        out = args[0]
+    elif op == "relax.where" and len(args) == 3 and all(isinstance(a, np.ndarray) for a in args):
+        out = np.where(args[0], args[1], args[2])
+    else:
+        return None
+    out = np.asarray(out).astype(dtype, copy=False)
+    return out if list(out.shape) == shape else None
+
+
+def fold_constants_numpy(mod):
+    """Fold cheap relax ops whose tensor inputs are all constants (reshape, permute_dims, isnan, add, ...).
+
+    Returns ``(mod, left)``, ``left`` naming the constant-only calls numpy did not fold.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.ir.expr import Call, Constant
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    left = []
+
+    @mutator
+    class _Folder(PyExprMutator):
+        def visit_call_(self, call):  # noqa: N802
+            call = super().visit_call_(call)
+            if isinstance(call, Call) and isinstance(call.op, tvm.ir.Op):
+                tensors = [a for a in call.args if not isinstance(a, relax.ShapeExpr)]
+                if all(isinstance(a, Constant) for a in tensors):
+                    v = _np_eval(call) if tensors else None
+                    if v is not None:
+                        return relax.const(v, str(v.dtype))
+                    left.append(call.op.name)
+            return call
+
+    folder = _Folder(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            folder.builder_.update_func(gv, folder.visit_expr(func))
+    return folder.builder_.get(), left

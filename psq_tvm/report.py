@@ -1,0 +1,114 @@
+"""The compile report: per-layer tiles, bitwidths and crossbars vs. the uniform baselines.
+
+:func:`build_report` makes the JSON-able dict stored in the package (deterministic:
+measured times live in the package's ``timing.json`` and are merged in by
+:attr:`psq_tvm.package.Package.report`); :func:`format_table` prints it and
+:func:`plot` draws bitwidths per layer/tile and crossbars per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .crossbar import CrossbarSpec
+from .packing import pack
+
+
+def _uniform_layer(result, ids: np.ndarray, bits: int) -> int:
+    spec = result.spec
+    sl = -(-(bits - (1 if spec.encoding == "differential" else 0)) // spec.cell_bits)
+    t = result.tiles
+    return pack(t.nrows[ids], t.ncols[ids], np.full(len(ids), sl), spec.rows, spec.cols, spec.polarities).n_crossbars
+
+
+def build_report(result, host_layers: Sequence[dict], spec: CrossbarSpec, layers: Sequence[dict]) -> dict[str, Any]:
+    """Report dict for a compile (``result`` None when nothing went to PIM)."""
+    from .quant import compare
+
+    rep: dict[str, Any] = {"spec": spec.name, "host_layers": list(host_layers), "n_host_layers": len(host_layers)}
+    if result is None:
+        rep.update(crossbars={"psq": 0, "uniform16": 0, "uniform8": 0}, reduction_vs_uniform16=None,
+                   reduction_vs_uniform8=None, avg_bits=None, cell_utilization=None, pim_layers=[], n_pim_layers=0,
+                   tiles=0, weights=0, method=None, note="no layer mapped to PIM")
+        return rep
+    cmp = compare(result)
+    cmp.pop("search_seconds", None)
+    rep.update(cmp)
+    pl = result.placement
+    per_layer = []
+    for li, row in enumerate(result.layer_table()):
+        ids = result.tiles.layer_tiles(li)
+        phys = set()
+        for t in ids:
+            phys.update(int(c) for c in pl.crossbar_ids(int(t)).ravel())
+        lay = layers[li] if li < len(layers) else {}
+        per_layer.append({
+            "name": row["layer"], "op": lay.get("op", row["kind"]), "weight_shape": row["weight_shape"],
+            "groups": row["groups"], "tiles": row["tiles"],
+            "bits_histogram": {str(k): v for k, v in row["bits_histogram"].items()},
+            "tile_bits": [int(b) for b in result.bits[ids]],
+            "avg_bits": row["avg_bits"], "crossbars": len(phys),
+            "uniform16": _uniform_layer(result, ids, 16), "uniform8": _uniform_layer(result, ids, 8),
+        })
+    rep.update(pim_layers=per_layer, n_pim_layers=len(per_layer), tiles=int(result.tiles.n_tiles),
+               weights=int(result.tiles.n_weights.sum()), method=result.method, note=result.note)
+    return rep
+
+
+def format_table(rep: dict[str, Any]) -> str:
+    """Human-readable report: one row per PIM layer, totals, host layers with reasons."""
+    lines = []
+    head = f"{'layer':<28} {'op':<7} {'tiles':>5} {'avg bits':>8} {'bits histogram':<24} {'xbars':>6} {'u16':>6} {'u8':>6}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for l in rep.get("pim_layers", []):
+        hist = " ".join(f"{b}:{n}" for b, n in sorted(l["bits_histogram"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"{l['name'][:28]:<28} {l['op']:<7} {l['tiles']:>5} {l['avg_bits']:>8.2f} {hist[:24]:<24} "
+                     f"{l['crossbars']:>6} {l['uniform16']:>6} {l['uniform8']:>6}")
+    lines.append("-" * len(head))
+    c = rep["crossbars"]
+    lines.append(f"crossbars (packed, whole model): PSQ {c['psq']}  uniform16 {c['uniform16']}  uniform8 {c['uniform8']}")
+    if rep.get("reduction_vs_uniform16") is not None:
+        lines.append(f"reduction: {rep['reduction_vs_uniform16']:.2f}x vs uniform16, "
+                     f"{rep['reduction_vs_uniform8']:.2f}x vs uniform8; avg bits {rep['avg_bits']:.3f}; "
+                     f"cell utilisation {rep.get('cell_utilization', 0):.1%}")
+    lines.append(f"PSQ search: {rep.get('search_seconds', 0.0):.3f} s ({rep.get('method')}, {rep.get('note', '')})")
+    lines.append(f"PIM layers: {rep.get('n_pim_layers', 0)}   host layers: {rep.get('n_host_layers', 0)}")
+    for h in rep.get("host_layers", []):
+        lines.append(f"  host: {h['name']} ({h['op']}): {h['reason']}")
+    return "\n".join(lines)
+
+
+def plot(rep: dict[str, Any], path: str) -> str:
+    """Two panels: bitwidth of every tile per layer, and crossbars per layer vs. baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = rep.get("pim_layers", [])
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(layers) + 3), 7), constrained_layout=True)
+    for k, l in enumerate(layers):
+        b = np.asarray(l["tile_bits"])
+        jitter = (np.arange(len(b)) / max(len(b), 1) - 0.5) * 0.6
+        ax1.scatter(k + jitter, b, s=6, alpha=0.6)
+    ax1.set_ylabel("tile bitwidth")
+    ax1.set_title("PSQ bitwidth of every tile, per layer")
+    x = np.arange(len(layers))
+    w = 0.28
+    ax2.bar(x - w, [l["uniform16"] for l in layers], w, label="uniform 16-bit")
+    ax2.bar(x, [l["uniform8"] for l in layers], w, label="uniform 8-bit")
+    ax2.bar(x + w, [l["crossbars"] for l in layers], w, label="PSQ")
+    ax2.set_ylabel("crossbars")
+    ax2.set_yscale("log")
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.set_xticks(x)
+        ax.set_xticklabels([l["name"] for l in layers], rotation=70, fontsize=7)
+    c = rep["crossbars"]
+    ax2.set_title(f"crossbars per layer (model total: PSQ {c['psq']}, u16 {c['uniform16']}, u8 {c['uniform8']})")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

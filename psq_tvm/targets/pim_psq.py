@@ -1,0 +1,193 @@
+"""The ``pim-psq`` target: tag, options (preset + overrides), and the build that writes a package.
+
+``tvm.target.Target("pim-psq")`` is an ``llvm`` target with keys ``pim_psq, cpu`` (TVM 0.27
+cannot add target kinds from Python; tags it can).  The crossbar options are not part
+of the target string: they come from a preset plus ``--target-pim-psq-<option>``
+overrides (old tvmc style), see :func:`spec_from_options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ..crossbar import DEFAULT_PRESET, CrossbarSpec, SpecError, parse_bits, preset
+
+TAG = "pim-psq"
+TARGETS = ("pim-psq", "llvm")
+#: crossbar options settable with --target-pim-psq-<option> (CLI spelling uses '-')
+SPEC_OPTIONS = tuple(f.name for f in dataclasses.fields(CrossbarSpec) if f.name != "name")
+
+
+def register_tag() -> None:
+    """Register the ``pim-psq`` target tag (idempotent)."""
+    import tvm
+    from tvm.target import tag
+
+    try:
+        tvm.target.Target(TAG)
+        return
+    except Exception:
+        pass
+    tag.register_tag(TAG, {"kind": "llvm", "keys": ["pim_psq", "cpu"]})
+
+
+def _convert(field: str, value: Any) -> Any:
+    if field == "weight_bits":
+        return parse_bits(value) if isinstance(value, str) else tuple(int(b) for b in value)
+    if field == "adc_bits":
+        if value is None or str(value).lower() in ("none", "lossless", "0"):
+            return None
+    if field == "encoding":
+        return str(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"--target-pim-psq-{field.replace('_', '-')} expects an integer, got {value!r}") from None
+
+
+def spec_from_options(preset_name: str | None = None, **overrides: Any) -> CrossbarSpec:
+    """A crossbar spec from a preset name plus option overrides (strings accepted, as from the CLI)."""
+    clean = {k: _convert(k, v) for k, v in overrides.items() if v is not None}
+    unknown = set(clean) - set(SPEC_OPTIONS)
+    if unknown:
+        raise SpecError(f"unknown crossbar option(s) {sorted(unknown)}; known: {list(SPEC_OPTIONS)}")
+    return preset(preset_name or DEFAULT_PRESET, **clean)
+
+
+def _export(ex) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="psq-build-") as d:
+        p = os.path.join(d, "host_library.so")
+        ex.export_library(p)
+        with open(p, "rb") as f:
+            return f.read()
+
+
+def _io_info(mod) -> list[dict[str, Any]]:
+    from tvm import relax
+
+    from ..passes.patterns import _shape
+
+    ret = mod["main"].ret_ty
+    tys = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    out = []
+    for t in tys:
+        if isinstance(t, relax.TensorType):
+            shp = None
+            try:
+                shp = [int(d) for d in t.shape.values]
+            except Exception:
+                pass
+            out.append({"shape": shp, "dtype": str(t.dtype)})
+    return out
+
+
+def tile_entries(result, li: int) -> list[dict[str, Any]]:
+    """Manifest tile records of layer ``li`` of a QuantResult."""
+    tiles, pl = result.tiles, result.placement
+    out = []
+    for t in tiles.layer_tiles(li):
+        t = int(t)
+        out.append({"id": t, "group": int(tiles.group[t]), "row0": int(tiles.row0[t]), "col0": int(tiles.col0[t]),
+                    "nrows": int(tiles.nrows[t]), "ncols": int(tiles.ncols[t]), "bits": int(result.bits[t]),
+                    "scale": float(result.scales[t]), "slices": int(result.slices[t]),
+                    "crossbars": pl.crossbar_ids(t).tolist(), "row_off": int(pl.row_off[t]),
+                    "col_off": int(pl.col_off[t])})
+    return out
+
+
+def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, Any] | str | None = None,
+          preset_name: str | None = None, spec: CrossbarSpec | None = None, objective: str = "mse",
+          budget: str | None = None, tolerance: float | None = None, bits: Any = None,
+          emit_c_header: bool = False, float_weights: bool = True, fold_batchnorm: bool = True,
+          progress: Callable[[str], None] | None = None, **spec_overrides: Any):
+    """Compile an ONNX model for ``pim-psq`` (or a plain ``llvm`` host build); returns a Package."""
+    import tvm
+
+    from .. import __version__
+    from ..importer import import_onnx
+    from ..package import FORMAT, VERSION, Package
+    from ..passes import AnnotatePSQ, LowerToPIM, PartitionForPIM
+    from ..report import build_report
+
+    say = progress or (lambda msg: None)
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
+    t0 = time.perf_counter()
+    spec = spec.replace(**{k: _convert(k, v) for k, v in spec_overrides.items() if v is not None}) if spec \
+        else spec_from_options(preset_name, **spec_overrides)
+    if isinstance(bits, str):
+        bits = parse_bits(bits)
+    if budget is not None and tolerance is not None:
+        raise ValueError("give either --psq-budget or --psq-tolerance, not both")
+    register_tag()
+    say("importing ONNX model")
+    mod, info = import_onnx(model_or_path, input_shapes, batchnorm=fold_batchnorm)
+    model_name = os.path.basename(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else "model"
+    layers: list[dict] = []
+    blobs: dict[str, np.ndarray] = {}
+    host: list[dict] = []
+    result = None
+    if target == TAG:
+        say("partitioning (pim_psq patterns)")
+        part = PartitionForPIM(spec, info["names"])
+        mod = part(mod)
+        say("PSQ search over all PIM layers")
+        ann = AnnotatePSQ(spec, objective=objective, budget=budget, tolerance=tolerance, bits=bits)
+        mod = ann(mod)
+        a = ann.annotation
+        result, host = a.result, a.host_layers
+        say(f"lowering {len(a.layers)} PIM layer(s) to runtime calls; {len(host)} weight layer(s) on host")
+        mod = LowerToPIM()(mod)
+        if result is not None:
+            from ..tables import crossbar_cells
+            blobs["crossbars"] = crossbar_cells(result)
+        else:
+            blobs["crossbars"] = np.zeros((0, spec.rows, spec.cols), dtype=np.uint8)
+        for li, rec in enumerate(a.layers):
+            entry = {k: v for k, v in rec.items() if k not in ("weight", "bias_array")}
+            if rec["bias_array"] is not None:
+                entry["bias"] = f"bias_{rec['id']}"
+                blobs[entry["bias"]] = rec["bias_array"].astype(np.float32)
+            else:
+                entry["bias"] = None
+            if float_weights:
+                entry["float_weight"] = f"weight_{rec['id']}"
+                blobs[entry["float_weight"]] = np.ascontiguousarray(rec["weight"], dtype=np.float32)
+            else:
+                entry["float_weight"] = None
+            entry["tiles"] = tile_entries(result, li)
+            layers.append(entry)
+        tvm_target = tvm.target.Target(TAG)
+    else:
+        blobs["crossbars"] = np.zeros((0, spec.rows, spec.cols), dtype=np.uint8)
+        tvm_target = tvm.target.Target("llvm")
+    say(f"building host module ({'pim-psq' if target == TAG else 'llvm'})")
+    ex = tvm.compile(mod, target=tvm_target)
+    lib = _export(ex)
+    report = build_report(result, host, spec, layers)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "target": target, "model": model_name,
+        "producer": {"psq_tvm": __version__, "tvm": tvm.__version__},
+        "spec": spec.to_dict(), "inputs": info["inputs"], "outputs": _io_info(mod),
+        "layers": layers, "host_layers": host, "report": report,
+        "fold_batchnorm": bool(fold_batchnorm),
+        "search": {"objective": objective, "budget": budget, "tolerance": tolerance,
+                   "bits": list(bits) if bits else None, "note": result.note if result is not None else ""},
+        "runtime": {"function": "pim_psq.layer", "modes": ["sim", "fake-quant", "float"]},
+    }
+    timing = {"search_seconds": float(result.search_seconds) if result is not None else 0.0,
+              "compile_seconds": time.perf_counter() - t0}
+    pkg = Package(manifest, blobs, lib, timing=timing)
+    pkg.quant_result = result          # in memory only (not stored): the search result behind the tables
+    if emit_c_header:
+        from .c_header import c_header
+        pkg.members()  # fill in the blob table first
+        pkg.extras["pim_psq_tables.h"] = c_header(pkg.manifest, blobs["crossbars"]).encode()
+    say(f"done in {timing['compile_seconds']:.2f} s")
+    return pkg

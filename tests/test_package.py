@@ -1,0 +1,171 @@
+"""Package format: manifest contract, round trip, checksums/version refusal, atomic and deterministic writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+import psq_tvm  # noqa: E402
+from psq_tvm.crossbar import CrossbarSpec, preset  # noqa: E402
+from psq_tvm.package import FORMAT, VERSION, PackageError, load  # noqa: E402
+from psq_tvm.runtime import dequantized_weight  # noqa: E402
+from psq_tvm.tables import decode_tile  # noqa: E402
+
+from test_onnx_models import small_cnn  # noqa: E402
+
+LAYER_KEYS = {"id", "name", "op", "weight_shape", "matrix_shape", "groups", "strides", "padding", "dilation",
+              "bias", "tiles"}
+TILE_KEYS = {"id", "group", "row0", "col0", "nrows", "ncols", "bits", "scale", "slices", "crossbars", "row_off",
+             "col_off"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pkg")
+    spec = preset("isaac", rows=32, cols=32)
+    pkg = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=4", emit_c_header=True)
+    path = pkg.save(d / "m.tar")
+    return pkg, path
+
+
+def _rewrite(src, dst, edit):
+    """Copy a tar, passing every member's bytes through edit(name, data)."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            data = edit(m.name, tin.extractfile(m).read())
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+
+
+def test_manifest_contract(built):
+    pkg, path = built
+    man = load(path).manifest
+    assert man["format"] == FORMAT == "psq-tvm-package" and man["version"] == VERSION == 1
+    assert CrossbarSpec.from_dict(man["spec"]).rows == 32
+    cb = man["blobs"]["crossbars"]
+    assert cb["dtype"] == "uint8" and cb["byte_order"] == "little" and len(cb["sha256"]) == 64
+    assert cb["shape"][1:] == [32, 32] and cb["shape"][0] == man["report"]["crossbars"]["psq"]
+    assert [h["name"] for h in man["host_layers"]] == ["dw"] and man["host_layers"][0]["reason"]
+    for lay in man["layers"]:
+        assert LAYER_KEYS <= set(lay)
+        assert lay["op"] in ("conv2d", "dense")
+        if lay["bias"] is not None:
+            b = man["blobs"][lay["bias"]]
+            assert b["dtype"] == "float32" and b["shape"] == [lay["matrix_shape"][1] * lay["groups"]]
+        for t in lay["tiles"]:
+            assert TILE_KEYS <= set(t)
+            assert np.asarray(t["crossbars"]).shape == (t["slices"], 1)   # offset encoding: one polarity
+    rep = man["report"]
+    assert {"crossbars", "reduction_vs_uniform16", "reduction_vs_uniform8", "avg_bits", "pim_layers",
+            "host_layers"} <= set(rep)
+
+
+def test_round_trip_cells_decode_to_search_result(built):
+    pkg, path = built
+    back = load(path)
+    cells = back.blob("crossbars")
+    np.testing.assert_array_equal(cells, pkg.blob("crossbars"))
+    spec = back.spec
+    for li, lay in enumerate(back.layers):
+        # weights decoded from the stored cells == scale * levels, within each tile's quantisation step
+        w = back.blob(lay["float_weight"])
+        wq = dequantized_weight(lay, cells, spec)
+        assert wq.shape == tuple(lay["weight_shape"])
+        for t in lay["tiles"]:
+            ids = np.asarray(t["crossbars"])
+            r, c, nr, nc = t["row_off"], t["col_off"], t["nrows"], t["ncols"]
+            q = decode_tile(cells[ids.ravel(), r:r + nr, c:c + nc].reshape(ids.shape + (nr, nc)), t["bits"],
+                            spec.encoding, spec.cell_bits)
+            assert np.abs(q).max() <= 2 ** (t["bits"] - 1) - 1
+        # exactly the search's fake-quantised weight (float32 rounding of scale * q aside)
+        np.testing.assert_allclose(wq, pkg.quant_result.dequantized(li), rtol=1e-6, atol=1e-7)
+        assert np.abs(wq - w).max() < 0.5 * np.abs(w).max()
+    x = np.random.default_rng(0).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_array_equal(back.run({"x": x}, "fake-quant")[0], pkg.run({"x": x}, "fake-quant")[0])
+
+
+def test_checksum_refusal(built, tmp_path):
+    _, path = built
+    bad = tmp_path / "bad.tar"
+
+    def flip(name, data):
+        if name == "crossbars.bin":
+            data = bytearray(data)
+            data[len(data) // 2] ^= 1
+            data = bytes(data)
+        return data
+    _rewrite(path, bad, flip)
+    with pytest.raises(PackageError, match="checksum mismatch for blob 'crossbars'"):
+        load(bad)
+
+
+def test_version_and_foreign_refusal(built, tmp_path):
+    _, path = built
+    newer = tmp_path / "v2.tar"
+
+    def bump(name, data):
+        if name == "manifest.json":
+            m = json.loads(data)
+            m["version"] = 2
+            data = json.dumps(m).encode()
+        return data
+    _rewrite(path, newer, bump)
+    with pytest.raises(PackageError, match="version 2"):
+        load(newer)
+    foreign = tmp_path / "foreign.tar"
+    with tarfile.open(foreign, "w") as t:
+        data = b'{"format": "something-else"}'
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    with pytest.raises(PackageError, match="not a psq-tvm package"):
+        load(foreign)
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(PackageError, match="not a readable"):
+        load(junk)
+    trunc = tmp_path / "trunc.tar"
+    trunc.write_bytes(open(path, "rb").read()[:3000])
+    with pytest.raises(PackageError):
+        load(trunc)
+
+
+def test_deterministic_bytes(tmp_path):
+    a = psq_tvm.compile(small_cnn(), budget="avg-bits=4").save(tmp_path / "a.tar")
+    b = psq_tvm.compile(small_cnn(), budget="avg-bits=4").save(tmp_path / "b.tar")
+
+    def members(p):
+        with tarfile.open(p) as t:
+            return {m.name: (m.mtime, m.uid, m.gid, m.mode, t.extractfile(m).read()) for m in t.getmembers()}
+    ma, mb = members(a), members(b)
+    assert sorted(ma) == sorted(mb) and list(ma) == sorted(ma)          # sorted member order
+    assert {v[0] for v in ma.values()} == {0}                           # fixed mtime
+    diff = [k for k in ma if ma[k] != mb[k]]
+    assert diff in ([], ["timing.json"])      # only the measured durations may differ
+
+
+def test_atomic_write_leaves_nothing_on_failure(built, tmp_path, monkeypatch):
+    pkg, _ = built
+    out = tmp_path / "out.tar"
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(tarfile.TarFile, "addfile", boom)
+    with pytest.raises(OSError):
+        pkg.save(out)
+    assert os.listdir(tmp_path) == []
+
+
+def test_c_header(built):
+    pkg, path = built
+    h = load(path).extras["pim_psq_tables.h"].decode()
+    assert "#define PIM_PSQ_ROWS 32" in h and "pim_psq_tiles[" in h and "pim_psq_cells[" in h
+    n_tiles = sum(len(l["tiles"]) for l in pkg.layers)
+    assert f"#define PIM_PSQ_N_TILES {n_tiles}" in h
