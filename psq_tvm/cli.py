@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"crossbar option: {_SPEC_HELP.get(f, f)} (default: from the preset)")
     c.add_argument("--psq-objective", default="mse", choices=["mse", "cdf-kl"],
                    help="per-tile distortion the search minimises (default: mse)")
+    c.add_argument("--psq-granularity", default="tile", choices=["tile", "column"],
+                   help="tile: one scale per crossbar tile; column: one scale per tile column (bitline), applied "
+                   "in the digital stage after the ADC at no crossbar cost (default: tile)")
     c.add_argument("--psq-budget", metavar="KIND=VALUE",
                    help="whole-model budget: avg-bits=4.5, crossbars=N or reduction=3.5 (x fewer crossbars than "
                    "uniform 16-bit); default reduction=4")
@@ -132,7 +135,7 @@ def cmd_compile(a) -> int:
     if not a.output:
         raise CLIError("-o/--output must name the package file")
     pkg = psq_compile(a.FILE, a.target, input_shapes=a.input_shapes, preset=a.target_pim_psq_preset,
-                      objective=a.psq_objective, budget=a.psq_budget, tolerance=a.psq_tolerance, bits=a.psq_bits,
+                      objective=a.psq_objective, granularity=a.psq_granularity, budget=a.psq_budget, tolerance=a.psq_tolerance, bits=a.psq_bits,
                       emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
                       fold_batchnorm=not a.no_fold_batchnorm, progress=say,
                       **overrides)

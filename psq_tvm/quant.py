@@ -117,6 +117,12 @@ class QuantResult:
         lay = self.tiles.layers[layer]
         return roll(mats, lay.kind, lay.weight.shape, lay.groups).astype(np.float32)
 
+    def tile_scale(self, t: int) -> float | list[float]:
+        """Scale of tile ``t`` as stored in a manifest: a number, or one per tile column."""
+        if self.per_column:
+            return [float(v) for v in self.scales[t, :int(self.tiles.ncols[t])]]
+        return float(self.scales[t])
+
     def scale_storage(self) -> int:
         """Number of scale values the digital periphery stores (one per tile, or one per tile column)."""
         return int(self.tiles.ncols.sum()) if self.per_column else int(self.tiles.n_tiles)
@@ -203,4 +209,5 @@ def compare(result: QuantResult) -> dict[str, Any]:
     return {"crossbars": {"psq": n, "uniform16": u16, "uniform8": u8},
             "reduction_vs_uniform16": u16 / n, "reduction_vs_uniform8": u8 / n,
             "avg_bits": result.avg_bits, "cell_utilization": result.cell_utilization(),
-            "search_seconds": result.search_seconds}
+            "search_seconds": result.search_seconds, "scale_values": result.scale_storage(),
+            "scale_granularity": "column" if result.per_column else "tile"}

@@ -85,7 +85,7 @@ def layer_matrices_from_cells(layer: dict, cells: np.ndarray, spec: CrossbarSpec
         r, c, nr, nc = t["row_off"], t["col_off"], t["nrows"], t["ncols"]
         tc = cells[ids.ravel(), r:r + nr, c:c + nc].reshape(ids.shape + (nr, nc))
         q = decode_tile(tc, int(t["bits"]), spec.encoding, spec.cell_bits)
-        mats[t["group"]][t["row0"]:t["row0"] + nr, t["col0"]:t["col0"] + nc] = q * np.float32(t["scale"])
+        mats[t["group"]][t["row0"]:t["row0"] + nr, t["col0"]:t["col0"] + nc] = q * np.asarray(t["scale"], dtype=np.float32)
     return mats
 
 

@@ -92,16 +92,16 @@ def layer_record(func: relax.Function, call: Call, lid: int) -> dict[str, Any]:
 class AnnotatePSQ:
     """Run one PSQ search across all partitioned layers and attach each layer's tile decisions.
 
-    ``objective`` ('mse' | 'cdf-kl'), ``budget`` (e.g. ``"avg-bits=4.5"``, ``"crossbars=N"``,
+    ``granularity`` ('tile' | 'column': one scale per tile or per tile column), ``objective`` ('mse' | 'cdf-kl'), ``budget`` (e.g. ``"avg-bits=4.5"``, ``"crossbars=N"``,
     ``"reduction=3.5"``), ``tolerance`` and ``bits`` are passed to :func:`psq_tvm.psq_search`.
     """
 
     def __init__(self, spec: CrossbarSpec | None = None, objective: str = "mse", budget: str | None = None,
-                 tolerance: float | None = None, bits: Sequence[int] | None = None):
+                 tolerance: float | None = None, bits: Sequence[int] | None = None, granularity: str = "tile"):
         self.spec = spec or preset()
         self.options = {"objective": objective, "budget": budget, "tolerance": tolerance,
-                        "bits": list(bits) if bits else None}
-        self.config = SearchConfig(objective=objective)
+                        "bits": list(bits) if bits else None, "granularity": granularity}
+        self.config = SearchConfig(objective=objective, granularity=granularity)
         self.annotation: Annotation | None = None
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
@@ -116,7 +116,7 @@ class AnnotatePSQ:
                                 tolerance=o["tolerance"], bits=o["bits"])
             for k, (_, _, gv) in enumerate(found):
                 ids = result.tiles.layer_tiles(k)
-                tiles = [{"bits": int(result.bits[t]), "scale": float(result.scales[t])} for t in ids]
+                tiles = [{"bits": int(result.bits[t]), "scale": result.tile_scale(int(t))} for t in ids]
                 mod[gv] = mod[gv].with_attr(LAYER_ATTR, k).with_attr(TILES_ATTR, json.dumps(tiles))
         token = f"psq{next(_counter)}"
         self.annotation = Annotation(self.spec, records, result, host_layers(mod), dict(self.options))

@@ -26,15 +26,18 @@ def c_header(manifest: dict, cells: np.ndarray) -> str:
          "  uint32_t weight_shape[4]; uint32_t matrix_k, matrix_n; uint32_t stride[2]; uint32_t padding[4];",
          "  uint32_t dilation[2]; uint32_t first_tile, n_tiles; } pim_psq_layer_t;",
          "typedef struct { uint32_t layer, group, row0, col0, nrows, ncols; uint8_t bits, slices;",
-         "  float scale; uint32_t row_off, col_off; uint32_t first_placement; } pim_psq_tile_t;",
+         "  uint32_t first_scale, n_scales; uint32_t row_off, col_off; uint32_t first_placement; } pim_psq_tile_t;",
+         "/* scales: for tile t, pim_psq_scales[first_scale .. first_scale + n_scales - 1]: one value (per-tile",
+         "   scale) or one per tile column (per-column scales); weight = scale * level */",
          "/* placement: for tile t, entries first_placement .. first_placement + slices*POLARITIES - 1,",
          "   slice-major, polarity-minor (slice 0 least significant), hold physical crossbar ids */", ""]
-    tiles, places, layers = [], [], []
+    tiles, places, layers, scales = [], [], [], []
     for lay in manifest["layers"]:
         ws = list(lay["weight_shape"]) + [1] * (4 - len(lay["weight_shape"]))
         first = len(tiles)
         for t in lay["tiles"]:
-            tiles.append((lay["id"], t, len(places)))
+            tiles.append((lay["id"], t, len(places), len(scales)))
+            scales.extend(np.atleast_1d(np.asarray(t["scale"], dtype=np.float32)).tolist())
             for s in t["crossbars"]:
                 places.extend(s)
         layers.append(
@@ -47,11 +50,18 @@ def c_header(manifest: dict, cells: np.ndarray) -> str:
     L.append("};")
     L.append(f"#define PIM_PSQ_N_TILES {len(tiles)}")
     L.append(f"static const pim_psq_tile_t pim_psq_tiles[{max(len(tiles), 1)}] = {{")
-    for lid, t, fp in tiles:
+    for lid, t, fp, fs in tiles:
+        ns = np.atleast_1d(t["scale"]).size
         L.append(f"  {{{lid}, {t['group']}, {t['row0']}, {t['col0']}, {t['nrows']}, {t['ncols']}, {t['bits']}, "
-                 f"{t['slices']}, {np.float32(t['scale']).item()!r}f, {t['row_off']}, {t['col_off']}, {fp}}},")
+                 f"{t['slices']}, {fs}, {ns}, {t['row_off']}, {t['col_off']}, {fp}}},")
     if not tiles:
         L.append("  {0}")
+    L.append("};")
+    L.append(f"static const float pim_psq_scales[{max(len(scales), 1)}] = {{")
+    L.extend("  " + ", ".join(f"{np.float32(v).item()!r}f" for v in scales[k:k + 8]) + ","
+             for k in range(0, len(scales), 8))
+    if not scales:
+        L.append("  0")
     L.append("};")
     L.append(f"static const uint32_t pim_psq_placement[{max(len(places), 1)}] = {{")
     L.append("  " + ", ".join(str(p) for p in places) if places else "  0")

@@ -95,7 +95,7 @@ def tile_entries(result, li: int) -> list[dict[str, Any]]:
         t = int(t)
         out.append({"id": t, "group": int(tiles.group[t]), "row0": int(tiles.row0[t]), "col0": int(tiles.col0[t]),
                     "nrows": int(tiles.nrows[t]), "ncols": int(tiles.ncols[t]), "bits": int(result.bits[t]),
-                    "scale": float(result.scales[t]), "slices": int(result.slices[t]),
+                    "scale": result.tile_scale(t), "slices": int(result.slices[t]),
                     "crossbars": pl.crossbar_ids(t).tolist(), "row_off": int(pl.row_off[t]),
                     "col_off": int(pl.col_off[t])})
     return out
@@ -103,7 +103,7 @@ def tile_entries(result, li: int) -> list[dict[str, Any]]:
 
 def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, Any] | str | None = None,
           preset_name: str | None = None, spec: CrossbarSpec | None = None, objective: str = "mse",
-          budget: str | None = None, tolerance: float | None = None, bits: Any = None,
+          budget: str | None = None, tolerance: float | None = None, bits: Any = None, granularity: str = "tile",
           emit_c_header: bool = False, float_weights: bool = True, fold_batchnorm: bool = True,
           progress: Callable[[str], None] | None = None, **spec_overrides: Any):
     """Compile an ONNX model for ``pim-psq`` (or a plain ``llvm`` host build); returns a Package."""
@@ -138,7 +138,8 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
         part = PartitionForPIM(spec, info["names"])
         mod = part(mod)
         say("PSQ search over all PIM layers")
-        ann = AnnotatePSQ(spec, objective=objective, budget=budget, tolerance=tolerance, bits=bits)
+        ann = AnnotatePSQ(spec, objective=objective, budget=budget, tolerance=tolerance, bits=bits,
+                          granularity=granularity)
         mod = ann(mod)
         a = ann.annotation
         result, host = a.result, a.host_layers
@@ -177,7 +178,7 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
         "spec": spec.to_dict(), "inputs": info["inputs"], "outputs": _io_info(mod),
         "layers": layers, "host_layers": host, "report": report,
         "fold_batchnorm": bool(fold_batchnorm),
-        "search": {"objective": objective, "budget": budget, "tolerance": tolerance,
+        "search": {"objective": objective, "budget": budget, "tolerance": tolerance, "granularity": granularity,
                    "bits": list(bits) if bits else None, "note": result.note if result is not None else ""},
         "runtime": {"function": "pim_psq.layer", "modes": ["sim", "fake-quant", "float"]},
     }
