@@ -30,7 +30,8 @@ def quantize_levels(w: np.ndarray, scale: np.ndarray | float, bits: np.ndarray |
     """Integer levels of ``w`` (int16), ``clip(rint(w / scale), -L, L)``, broadcasting."""
     L = level_limit(bits)
     q = np.rint(np.asarray(w, dtype=np.float64) / scale)
-    return np.clip(q, -L, L).astype(np.int16)
+    np.clip(q, -L, L, out=q)
+    return q.astype(np.int16)
 
 
 @dataclasses.dataclass
