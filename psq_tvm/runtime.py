@@ -26,7 +26,9 @@ from .crossbar import CrossbarSpec
 from .tables import decode_tile
 from .tiling import roll
 
-MODES = ("sim", "fake-quant", "float")
+MODES = ("sim", "golden", "fake-quant", "float")
+"""sim: the crossbar simulator; golden: fake-quantised weights and activations in float64 (the
+simulator's reference); fake-quant: weights decoded from the cells, float activations; float: original weights."""
 _ACTIVE = threading.local()
 
 
@@ -123,6 +125,9 @@ class Session:
                     "run mode 'sim' needs psq_tvm.simulator (the crossbar simulator), which is not installed "
                     "in this build; use --mode fake-quant or --mode float") from None
             self._sim = simulator.run_layer
+        elif mode == "golden":
+            from . import simulator
+            self._sim = simulator.golden_layer
 
     def bias(self, layer: dict) -> np.ndarray | None:
         return None if layer.get("bias") is None else self.package.blob(layer["bias"])
@@ -147,7 +152,7 @@ class Session:
     def run_layer(self, layer_id: str, x: np.ndarray) -> np.ndarray:
         layer = self.layers[str(layer_id)]
         bias = self.bias(layer)
-        if self.mode == "sim":
+        if self.mode in ("sim", "golden"):
             if layer.get("operand") == "left" and x.ndim >= 2:
                 y = self._sim(np.swapaxes(x, -1, -2), layer, self.package.blob("crossbars"), self.spec, bias,
                               self.sim_options)

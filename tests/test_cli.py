@@ -162,3 +162,37 @@ def test_usage_errors_are_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("tvmc: error: argument --psq-objective")
+
+
+def test_verify_three_ways_and_exit_code(compiled, files, capsys, monkeypatch):
+    # the compiled fixture has a lossless ADC: sim must match golden, exit 0
+    rc, out, _ = run_cli(capsys, "run", compiled, "--inputs", files / "in.npz", "--verify", "-q")
+    assert rc == 0, out
+    assert "sim vs golden" in out and "sim vs float" in out and "cosine" in out and "verify: PASS" in out
+    # a simulator that drifts from the tables is caught
+    import psq_tvm.simulator as simulator
+    real = simulator.run_layer
+    monkeypatch.setattr(simulator, "run_layer", lambda *a, **k: real(*a, **k) * np.float32(1.001))
+    rc, out, _ = run_cli(capsys, "run", compiled, "--inputs", files / "in.npz", "--verify", "-q")
+    assert rc == 3 and "verify: FAIL" in out
+
+
+def test_sim_options_flags(compiled, files, capsys):
+    base = files / "o0.npz"
+    rc, _, _ = run_cli(capsys, "run", compiled, "--inputs", files / "in.npz", "--mode", "sim", "--outputs", base, "-q")
+    assert rc == 0
+    noisy = []
+    for k in range(2):
+        p = files / f"o{k + 1}.npz"
+        rc, _, _ = run_cli(capsys, "run", compiled, "--inputs", files / "in.npz", "--mode", "sim", "-q",
+                           "--sim-conductance-sigma", "0.05", "--sim-stuck-at-max", "0.01", "--sim-seed", "7",
+                           "--outputs", p)
+        assert rc == 0
+        noisy.append(np.load(p)["output_0"])
+    clean = np.load(base)["output_0"]
+    assert np.array_equal(noisy[0], noisy[1]) and not np.array_equal(noisy[0], clean)   # seeded, and it bites
+    rc, out, _ = run_cli(capsys, "run", compiled, "--inputs", files / "in.npz", "--verify", "-q",
+                         "--sim-conductance-sigma", "0.05")
+    assert rc == 0 and "not exact by design" in out
+    rc, _, err = run_cli(capsys, "run", compiled, "--inputs", files / "in.npz", "--mode", "golden", "-q")
+    assert rc == 0
