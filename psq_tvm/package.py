@@ -196,6 +196,10 @@ class Package:
             if list(a.shape) != list(i["shape"]):
                 raise PackageError(f"input {i['name']!r} has shape {list(a.shape)}, the package was compiled for "
                                    f"{i['shape']} (recompile with --input-shapes \"{i['name']}:{list(a.shape)}\")")
+            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+                raise PackageError(f"input {i['name']!r} has {bad} NaN/Inf value(s); the PIM activation range is "
+                                   "taken from the input, so it must be finite")
             out.append(np.ascontiguousarray(a))
         return out
 

@@ -196,3 +196,24 @@ def test_sim_options_flags(compiled, files, capsys):
     assert rc == 0 and "not exact by design" in out
     rc, _, err = run_cli(capsys, "run", compiled, "--inputs", files / "in.npz", "--mode", "golden", "-q")
     assert rc == 0
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("nan", "NaN/Inf"),
+    ("shape", "compiled for"),
+    ("names", "the model takes"),
+])
+def test_run_bad_inputs(compiled, files, capsys, case, needle):
+    from psq_tvm.package import load
+    info = load(compiled).manifest["inputs"][0]
+    x = np.random.default_rng(1).standard_normal([2] + list(info["shape"][1:])).astype(np.float32)
+    p = files / f"bad_{case}.npz"
+    if case == "nan":
+        x[0, 0, 0, 0] = np.nan
+        np.savez(p, **{info["name"]: x})
+    elif case == "shape":
+        np.savez(p, **{info["name"]: x[:, :, :5]})
+    else:
+        np.savez(p, a=x, b=x)
+    rc, out, err = run_cli(capsys, "run", compiled, "--inputs", p, "--mode", "sim", "-q")
+    assert rc != 0 and err.startswith("tvmc: error:") and needle in err and err.count("\n") == 1
