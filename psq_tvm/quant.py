@@ -27,9 +27,10 @@ def level_limit(bits: np.ndarray | int) -> np.ndarray:
 
 
 def quantize_levels(w: np.ndarray, scale: np.ndarray | float, bits: np.ndarray | int) -> np.ndarray:
-    """Integer levels of ``w`` (int16), ``clip(rint(w / scale), -L, L)``, broadcasting."""
+    """Integer levels of ``w`` (int16), ``clip(rint(w / scale), -L, L)`` evaluated in float32, broadcasting."""
     L = level_limit(bits)
-    q = np.rint(np.asarray(w, dtype=np.float64) / scale)
+    q = np.divide(w, scale, dtype=np.float32)     # float32 throughout: levels are defined on float32 weights
+    np.rint(q, out=q)
     np.clip(q, -L, L, out=q)
     return q.astype(np.int16)
 

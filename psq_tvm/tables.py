@@ -40,12 +40,12 @@ def tile_levels(result: QuantResult) -> list[np.ndarray]:
 def encode_tile(q: np.ndarray, bits: int, encoding: str, cell_bits: int, slices: int) -> np.ndarray:
     """Cell values of one tile: uint8 ``[slices, polarities, nrows, ncols]``."""
     mask = (1 << cell_bits) - 1
-    q = q.astype(np.int64)
+    q = q.astype(np.int32)
     if encoding == "offset":
         planes = [q + (1 << (bits - 1))]
     else:
         planes = [np.maximum(q, 0), np.maximum(-q, 0)]
-    shifts = (np.arange(slices) * cell_bits)[:, None, None, None]
+    shifts = (np.arange(slices, dtype=np.int32) * cell_bits)[:, None, None, None]
     return ((np.stack(planes)[None] >> shifts) & mask).astype(np.uint8)
 
 
