@@ -137,7 +137,9 @@ _CDF_CHUNK = 64
 
 def _logit(p: np.ndarray, eps: float) -> np.ndarray:
     p = np.clip(p, eps, 1 - eps)
-    return np.log(p) - np.log1p(-p)
+    out = np.log(p)
+    out -= np.log1p(-p)
+    return out
 
 
 def distortion_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray, thresholds: int,
@@ -156,8 +158,8 @@ def distortion_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray,
     cdf = np.zeros((T, H + 1), dtype=np.float64)
     np.cumsum(hist, axis=1, out=cdf[:, 1:])
     cdf /= np.where(n > 0, n, 1)
-    logit = _logit(cdf, eps).astype(np.float32)
     cdf = cdf.astype(np.float32)
+    logit = _logit(cdf, eps)
     tau = np.arange(1, thresholds) / thresholds                    # [Th]
     p_idx = (tau * H).astype(np.int64)                              # exact bin boundaries
     s, L = candidate_grid(bits, ratios)                             # [B, S], [B]
