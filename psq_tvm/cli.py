@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-granularity", default="tile", choices=["tile", "column"],
                    help="tile: one scale per crossbar tile; column: one scale per tile column (bitline), applied "
                    "in the digital stage after the ADC at no crossbar cost (default: tile)")
+    c.add_argument("--psq-sensitivity", default="none", choices=["none", "synthetic"],
+                   help="how tile distortions are weighted in the whole-model budget: none = relative error per "
+                   "layer; synthetic = weighted by each layer's input energy per row, estimated data-free from a "
+                   "float run on seeded N(0,1) inputs (default: none)")
     c.add_argument("--psq-budget", metavar="KIND=VALUE",
                    help="whole-model budget: avg-bits=4.5, crossbars=N or reduction=3.5 (x fewer crossbars than "
                    "uniform 16-bit); default reduction=4")
@@ -150,7 +154,8 @@ def cmd_compile(a) -> int:
     if not a.output:
         raise CLIError("-o/--output must name the package file")
     pkg = psq_compile(a.FILE, a.target, input_shapes=a.input_shapes, preset=a.target_pim_psq_preset,
-                      objective=a.psq_objective, granularity=a.psq_granularity, budget=a.psq_budget, tolerance=a.psq_tolerance, bits=a.psq_bits,
+                      objective=a.psq_objective, granularity=a.psq_granularity,
+                      sensitivity=a.psq_sensitivity, budget=a.psq_budget, tolerance=a.psq_tolerance, bits=a.psq_bits,
                       emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
                       fold_batchnorm=not a.no_fold_batchnorm, progress=say,
                       **overrides)

@@ -101,9 +101,50 @@ def tile_entries(result, li: int) -> list[dict[str, Any]]:
     return out
 
 
+SENSITIVITIES = ("none", "synthetic")
+#: synthetic samples for the data-free input statistics (seeded standard normal in the input space)
+SYNTHETIC_SAMPLES = 32
+
+
+def synthetic_input_moments(pkg, kind: str = "synthetic", samples: int = SYNTHETIC_SAMPLES,
+                            seed: int = 0) -> list[np.ndarray | None]:
+    """``E[x^2]`` per input channel of every PIM layer, from a float run on seeded N(0, 1) inputs (no data).
+
+    Only float model inputs can be synthesised; a model with integer inputs (token ids) gets ``None``
+    for every layer (plain per-layer weighting).
+    """
+    if kind not in SENSITIVITIES:
+        raise ValueError(f"unknown sensitivity {kind!r}; choose one of {SENSITIVITIES}")
+    info = pkg.manifest["inputs"]
+    layers = pkg.manifest["layers"]
+    if any(not str(i["dtype"]).startswith("float") for i in info):
+        return [None] * len(layers)
+    rng = np.random.default_rng(seed)
+    batch = max(1, int(info[0]["shape"][0]) if info[0]["shape"] else 1)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for _ in range(max(1, -(-samples // batch))):
+        feeds = [rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in info]
+        _, trace = pkg.run(feeds, "float", trace=True)
+        for lid, x, _y in trace:
+            lay = next(l for l in layers if str(l["id"]) == lid)
+            x = np.asarray(x, dtype=np.float64)
+            if lay["op"] == "conv2d":
+                s, n = (x ** 2).sum(axis=(0, 2, 3)), x.size // x.shape[1]
+            else:
+                if lay.get("operand") == "left" and x.ndim >= 2:
+                    x = np.swapaxes(x, -1, -2)
+                flat = x.reshape(-1, x.shape[-1])
+                s, n = (flat ** 2).sum(axis=0), flat.shape[0]
+            sums[lid] = sums.get(lid, 0) + s
+            counts[lid] = counts.get(lid, 0) + n
+    return [sums[str(l["id"])] / counts[str(l["id"])] if str(l["id"]) in sums else None for l in layers]
+
+
 def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, Any] | str | None = None,
           preset_name: str | None = None, spec: CrossbarSpec | None = None, objective: str = "mse",
           budget: str | None = None, tolerance: float | None = None, bits: Any = None, granularity: str = "tile",
+          sensitivity: str = "none",
           emit_c_header: bool = False, float_weights: bool = True, fold_batchnorm: bool = True,
           progress: Callable[[str], None] | None = None, **spec_overrides: Any):
     """Compile an ONNX model for ``pim-psq`` (or a plain ``llvm`` host build); returns a Package."""
@@ -179,12 +220,30 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
         "layers": layers, "host_layers": host, "report": report,
         "fold_batchnorm": bool(fold_batchnorm),
         "search": {"objective": objective, "budget": budget, "tolerance": tolerance, "granularity": granularity,
+                   "sensitivity": sensitivity,
                    "bits": list(bits) if bits else None, "note": result.note if result is not None else ""},
         "runtime": {"function": "pim_psq.layer", "modes": ["sim", "fake-quant", "float"]},
     }
     timing = {"search_seconds": float(result.search_seconds) if result is not None else 0.0,
               "compile_seconds": time.perf_counter() - t0}
     pkg = Package(manifest, blobs, lib, timing=timing)
+    if sensitivity != "none" and result is not None:
+        say("data-free sensitivity: float run on seeded synthetic inputs, then the search again")
+        from ..search import SearchConfig, psq_search
+        from ..sensitivity import input_weighted_importance
+        from ..tables import crossbar_cells
+        imp = input_weighted_importance(result.tiles, synthetic_input_moments(pkg, sensitivity))
+        result = psq_search(result.tiles.layers, spec, tiles=result.tiles, budget=budget, tolerance=tolerance,
+                            bits=bits, config=SearchConfig(objective=objective, granularity=granularity),
+                            tile_importance=imp)
+        blobs["crossbars"] = crossbar_cells(result)
+        for li, entry in enumerate(layers):
+            entry["tiles"] = tile_entries(result, li)
+        manifest["report"] = build_report(result, host, spec, layers)
+        manifest["search"]["note"] = result.note
+        timing["search_seconds"] += float(result.search_seconds)
+        timing["compile_seconds"] = time.perf_counter() - t0
+        pkg = Package(manifest, blobs, lib, timing=timing)
     pkg.quant_result = result          # in memory only (not stored): the search result behind the tables
     if emit_c_header:
         from .c_header import c_header
