@@ -257,70 +257,13 @@ def _sim_options(a):
     return SimOptions(**given)
 
 
-#: sim vs golden tolerance when the spec makes the simulator exact: float32 rounding of the
-#: final scaling and of the sum over row tiles (see psq_tvm.simulator)
-EXACT_RTOL = 1e-5
-
-
 def verify(pkg, inputs: dict, batched: bool, sim_options=None) -> int:
-    """--verify: float, golden (fake-quantised, float64) and simulator on the first batch; exit code 3 on mismatch."""
-    from . import simulator
+    """--verify: float, golden (fake-quantised, float64) and simulator; exit code 3 on mismatch."""
+    from .verify import verify_package
 
-    info = pkg.manifest["inputs"]
-    one = {k: (v[: info[0]["shape"][0]] if batched else v) for k, v in inputs.items()}
-    _, trace = pkg.run(one, "sim", sim_options, trace=True)          # per-layer check on the first batch
-    has_float = any(l.get("float_weight") for l in pkg.layers)
-    if batched:                                                       # whole-model outputs on every sample
-        x = inputs[info[0]["name"]]
-        sim_out, gold_out = [pkg.run_batched(x, "sim", sim_options)], [pkg.run_batched(x, "golden", sim_options)]
-        float_out = [pkg.run_batched(x, "float")] if has_float else None
-    else:
-        sim_out, gold_out = pkg.run(one, "sim", sim_options), pkg.run(one, "golden", sim_options)
-        float_out = pkg.run(one, "float") if has_float else None
-    opts = simulator._options(sim_options)
-    noisy = bool(opts.conductance_sigma or opts.stuck_at_min or opts.stuck_at_max or opts.adc_offset)
-    exact = pkg.spec.adc_lossless() and opts.adc_full_scale is None and not noisy
-
-    def compare(a, b):
-        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        err = float(np.abs(a64 - b64).max()) if a64.size else 0.0
-        rel = err / (float(np.abs(b64).max()) + 1e-30)
-        cos = float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64) + 1e-30))
-        line = f"max abs err {err:.3e}, max rel err {rel:.3e}, cosine {cos:.6f}"
-        if a.ndim == 2 and a.shape[1] > 1:
-            line += f", top-1 agreement {float((a.argmax(1) == b.argmax(1)).mean()):.3f}"
-        return rel, line
-
-    n = len(sim_out[0]) if batched else len(next(iter(one.values())))
-    print(f"verify on {n} sample(s) (per-layer errors on the first batch): float, golden (fake-quantised weights and activations, float64), sim")
-    layers = {str(l["id"]): l for l in pkg.layers}
-    worst = 0.0
-    for lid, x, y in trace:
-        lay = layers[lid]
-        xx = np.swapaxes(x, -1, -2) if lay.get("operand") == "left" and x.ndim >= 2 else x
-        bias = pkg.blob(lay["bias"]) if lay.get("bias") else None
-        g = simulator.golden_layer(xx, lay, pkg.blob("crossbars"), pkg.spec, bias, sim_options)
-        if lay.get("operand") == "left" and g.ndim >= 2:
-            g = np.swapaxes(g, -1, -2)
-        rel, line = compare(y, g)
-        worst = max(worst, rel)
-        print(f"  layer {lay['name']:<28} sim vs golden: {line}")
-    for k, (s, g) in enumerate(zip(sim_out, gold_out)):
-        print(f"  output_{k} sim vs golden: {compare(s, g)[1]}")
-        if float_out is not None:
-            print(f"  output_{k} sim vs float:  {compare(s, float_out[k])[1]}")
-            print(f"  output_{k} golden vs float: {compare(g, float_out[k])[1]}")
-    if not exact:
-        why = "the ADC is lossy" if not pkg.spec.adc_lossless() or opts.adc_full_scale is not None \
-            else "device non-idealities are on"
-        print(f"verify: sim is not exact by design ({why}); errors above are the hardware model's cost")
-        return 0
-    if worst <= EXACT_RTOL:
-        print(f"verify: PASS (lossless ADC: every PIM layer matches golden, max rel err {worst:.2e} <= {EXACT_RTOL:g})")
-        return 0
-    print(f"verify: FAIL (lossless ADC, but a PIM layer differs from golden by max rel err {worst:.2e} > "
-          f"{EXACT_RTOL:g})")
-    return 3
+    ok, lines = verify_package(pkg, inputs, batched, sim_options)
+    print("\n".join(lines))
+    return 0 if ok else 3
 
 
 # ------------------------------------------------------------------- report

@@ -1,0 +1,157 @@
+"""Quantisation methods of the evaluation sweep (issue 5 / issue 6), all on one ModelTiles.
+
+Every method maps the PIM layers of a compiled package (``pkg.quant_result.tiles``:
+the layers the pim-psq partitioner sent to the crossbars, already tiled) to
+
+* a fake-quantised weight per layer (``dequantized(li)``, the layer's own shape), and
+* a crossbar count from the one packer of :mod:`psq_tvm.quant` (same tiles, same packer),
+
+so every row of the tables quantises the same weights and is counted the same way.
+
+Methods: uniform per-layer (16, 8 bits), per-tile round-to-nearest (max-abs scale),
+HQQ per tile (``hqq.core.quantize.Quantizer``: one scale + zero point per tile,
+half-quadratic optimisation, data-free; counted as uniform ``b``-bit tiles), and PSQ
+(``psq_search``) with either objective, per-tile or per-column scales, in budget or
+tolerance mode.  :func:`onnx_with_weights` writes the fake-quantised weights into the
+ONNX initializers they came from (matched by array equality; fails loudly otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
+
+from psq_tvm import SearchConfig, psq_search, rtn_per_tile, uniform_per_layer
+from psq_tvm.quant import uniform_crossbars
+from psq_tvm.tiling import ModelTiles, canonical_blocks, empty_like_layout, roll
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """What a method gives the sweep: dequantised weights per PIM layer + its accounting."""
+
+    name: str
+    family: str
+    weights: list            # [n_layers] float32 arrays, the layers' own shapes
+    crossbars: int
+    avg_bits: float
+    search_seconds: float
+    config: dict
+    note: str = ""
+    scale_values: int | None = None
+
+
+def _from_quant_result(name: str, family: str, qr, config: dict) -> MethodResult:
+    ws = [qr.dequantized(li) for li in range(len(qr.tiles.layers))]
+    return MethodResult(name, family, ws, int(qr.crossbars), float(qr.avg_bits), float(qr.search_seconds),
+                        config, note=qr.note, scale_values=int(qr.scale_storage()))
+
+
+def uniform(tiles: ModelTiles, spec, bits: int) -> MethodResult:
+    t0 = time.perf_counter()
+    qr = uniform_per_layer(tiles, spec, bits)
+    qr.search_seconds = time.perf_counter() - t0
+    return _from_quant_result(f"uniform{bits}-layer", "uniform-layer", qr, {"bits": bits})
+
+
+def rtn(tiles: ModelTiles, spec, bits: int) -> MethodResult:
+    t0 = time.perf_counter()
+    qr = rtn_per_tile(tiles, spec, bits)
+    qr.search_seconds = time.perf_counter() - t0
+    return _from_quant_result(f"rtn{bits}-tile", "rtn-tile", qr, {"bits": bits})
+
+
+def psq(tiles: ModelTiles, spec, objective: str = "mse", granularity: str = "tile", budget: str | None = None,
+        tolerance: float | None = None) -> MethodResult:
+    cfg = SearchConfig(objective=objective, granularity=granularity)
+    qr = psq_search(tiles.layers, spec, config=cfg, budget=budget, tolerance=tolerance, tiles=tiles)
+    fam = f"psq-{objective}" + ("-column" if granularity == "column" else "")
+    point = budget if budget is not None else f"tol={tolerance:g}"
+    return _from_quant_result(f"{fam} {point}", fam, qr, {"objective": objective, "granularity": granularity,
+                                                         "budget": budget, "tolerance": tolerance})
+
+
+def _blockwise_apply(tiles: ModelTiles, fn: Callable[[np.ndarray], np.ndarray]) -> list:
+    per_layer: dict[int, list] = {}
+    for li, _, m, grid, _first in tiles.matrices():
+        out = empty_like_layout(m, np.float64)
+        for (view, _ids), (oview, _) in zip(canonical_blocks(m, grid), canonical_blocks(out, grid)):
+            nr, tr, nc, tc = view.shape
+            flat = np.ascontiguousarray(view.transpose(0, 2, 1, 3), dtype=np.float32).reshape(nr * nc, tr * tc)
+            oview[...] = fn(flat).reshape(nr, nc, tr, tc).transpose(0, 2, 1, 3)
+        per_layer.setdefault(li, []).append(out)
+    return [roll(per_layer[li], lay.kind, lay.weight.shape, lay.groups).astype(np.float32)
+            for li, lay in enumerate(tiles.layers)]
+
+
+def hqq(tiles: ModelTiles, spec, bits: int = 4) -> MethodResult:
+    """HQQ per tile: one (scale, zero) per tile row of the flattened tile, optimised (half-quadratic)."""
+    import torch
+    from hqq.core.quantize import Quantizer
+
+    torch.manual_seed(0)
+
+    def fn(flat: np.ndarray) -> np.ndarray:
+        W = torch.from_numpy(flat)
+        q, meta = Quantizer.quantize(W, nbits=bits, channel_wise=True, group_size=None, optimize=True,
+                                     axis=1, bitpack=False, compute_dtype=torch.float32, device="cpu")
+        return Quantizer.dequantize(q, meta).reshape(flat.shape).float().numpy().astype(np.float64)
+
+    t0 = time.perf_counter()
+    ws = _blockwise_apply(tiles, fn)
+    dt = time.perf_counter() - t0
+    n = int(tiles.n_weights.sum())
+    return MethodResult(f"hqq{bits}-tile", "hqq-tile", ws, int(uniform_crossbars(tiles, spec, bits)), float(bits),
+                        dt, {"bits": bits}, note="asymmetric (scale + zero point per tile), counted as uniform "
+                        f"{bits}-bit tiles", scale_values=2 * int(tiles.n_tiles))
+
+
+# ------------------------------------------------------------------ ONNX weight substitution
+def match_initializers(model, layers) -> list[tuple[str, bool]]:
+    """For every PIM layer, (initializer name, transposed?) of the ONNX initializer holding its weight.
+
+    Dense layers are ``[K, N]`` (x @ W): a Gemm with transB=1 stores ``W.T``; MatMul stores ``W``.
+    Raises ``RuntimeError`` naming the layer if no initializer equals the weight.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    used: set = set()
+    out = []
+    for lay in layers:
+        w = np.asarray(lay.weight)
+        found = None
+        for name, a in inits.items():
+            if name in used or a.dtype.kind != "f":
+                continue
+            if a.shape == w.shape and np.array_equal(a.astype(np.float32), w.astype(np.float32)):
+                found = (name, False)
+                break
+            if lay.kind == "dense" and a.ndim == 2 and a.shape == w.shape[::-1] and \
+                    np.array_equal(a.T.astype(np.float32), w.astype(np.float32)):
+                found = (name, True)
+                break
+        if found is None:
+            raise RuntimeError(f"PIM layer {lay.name!r} ({lay.kind}, weight {list(w.shape)}) matches no ONNX "
+                               "initializer (by value, or its transpose for dense)")
+        used.add(found[0])
+        out.append(found)
+    return out
+
+
+def onnx_with_weights(model, mapping, weights):
+    """A copy of ``model`` with the mapped initializers replaced by ``weights``."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    by_name = {i.name: i for i in m.graph.initializer}
+    for (name, transposed), w in zip(mapping, weights):
+        init = by_name[name]
+        arr = np.ascontiguousarray(w.T if transposed else w).astype(numpy_helper.to_array(init).dtype)
+        init.CopyFrom(numpy_helper.from_array(arr, name))
+    return m
