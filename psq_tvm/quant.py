@@ -198,7 +198,7 @@ def rtn_per_tile(layers: Sequence[Layer] | ModelTiles, spec: CrossbarSpec, bits:
 
 def uniform_crossbars(tiles: ModelTiles, spec: CrossbarSpec, bits: int) -> int:
     """Crossbars every tile at ``bits`` occupies, packed by the same code as PSQ."""
-    sl = -(-(bits - (1 if spec.encoding == "differential" else 0)) // spec.cell_bits)
+    sl = spec.slices(bits)
     return pack(tiles.nrows, tiles.ncols, np.full(tiles.n_tiles, sl), spec.rows, spec.cols,
                 spec.polarities).n_crossbars
 

@@ -18,7 +18,7 @@ from .packing import pack
 
 def _uniform_layer(result, ids: np.ndarray, bits: int) -> int:
     spec = result.spec
-    sl = -(-(bits - (1 if spec.encoding == "differential" else 0)) // spec.cell_bits)
+    sl = spec.slices(bits)
     t = result.tiles
     return pack(t.nrows[ids], t.ncols[ids], np.full(len(ids), sl), spec.rows, spec.cols, spec.polarities).n_crossbars
 
