@@ -683,7 +683,7 @@ class CompiledLayer:
                 yield m0, k, (lambda g, m0=m0, k=k: mats[g][m0:m0 + k])
 
     def _exact_accumulate(self, out: np.ndarray, chunks, strips: list[_Strip], s_x: float,
-                          signed_max: int) -> None:
+                          signed_max: int, transposed: bool) -> None:
         """Fast path: ``out += (s_w s_x) * (q_x . q_w)`` strip by strip, chunk by chunk (cache-sized).
 
         ``out`` is ``[M, N]``; when it is the transpose of a C-contiguous ``[N, M]`` array (convs), the
@@ -691,9 +691,8 @@ class CompiledLayer:
         ``chunks`` yields ``(m0, k, get)`` with ``get(g)`` the group's input block (``[K, k]`` transposed,
         else ``[k, K]``).
         """
-        transposed = out.flags.f_contiguous and not out.flags.c_contiguous
-        if transposed:
-            out = out.T                                  # [N, M]
+        if transposed:                                   # (a 1-row output is both C- and F-contiguous,
+            out = out.T                                  # so the caller says which layout it passes) [N, M]
         nmax = max(len(st.cols) for st in strips)
         plan = self._exact_plan(strips, s_x, signed_max, transposed)
         b32: dict[tuple, np.ndarray] = {}
@@ -745,7 +744,8 @@ class CompiledLayer:
                 out = np.zeros((ntot, B * oh * ow), dtype=np.float32).T    # [N, M] storage (NCHW-like)
                 if out.size:
                     mc = self._chunk_columns(self.strips)
-                    self._exact_accumulate(out, self._conv_chunks(qp, oh, ow, mc), self.strips, s_x, signed_max)
+                    self._exact_accumulate(out, self._conv_chunks(qp, oh, ow, mc), self.strips, s_x, signed_max,
+                                          transposed=True)
             else:
                 mats, layout = self._matrices(q)
                 M = mats[0].shape[0]
@@ -753,7 +753,7 @@ class CompiledLayer:
                 if M:
                     mc = self._chunk_columns(self.strips)
                     self._exact_accumulate(out, self._matrix_chunks(mats, M, mc, False), self.strips, s_x,
-                                           signed_max)
+                                           signed_max, transposed=False)
             return self._finish(out, layout, bias, np.float32)
         mats, layout = self._matrices(q)
         M = mats[0].shape[0]

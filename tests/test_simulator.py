@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from psq_tvm import CrossbarSpec, Layer, preset
+from psq_tvm import CrossbarSpec, Layer, preset, psq_search
 from psq_tvm.quant import QuantResult, tile_maxabs
 from psq_tvm.simulator import (SimError, SimOptions, clear_cache, compile_layer, golden_layer, layer_integers,
                                layer_program, quantize_activations, run_layer)
@@ -553,3 +553,19 @@ def test_fast_path_chunking_does_not_change_results(monkeypatch, chunk_min):
     xd = rng.standard_normal((9, 37)).astype(np.float32)
     np.testing.assert_array_equal(run_layer(xd, prog_d, cells, spec),
                                   run_layer(xd, prog_d, cells, spec, options=SimOptions(force_bitserial=True)))
+
+
+def test_conv_with_one_output_pixel_and_batch_one():
+    """A 1x1 conv on a 1x1 map with batch 1 (DenseNet's classifier): the [1, N] output is both C- and
+    F-contiguous, which once confused the fast path's layout detection."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(300, 200, 1, 1)).astype(np.float32)
+    spec = preset("isaac")
+    res = psq_search([Layer("c", w, "conv2d")], spec, budget="avg-bits=4")
+    cells = crossbar_cells(res)
+    lay = layer_program(res, 0, cells)
+    x = rng.normal(size=(1, 200, 1, 1)).astype(np.float32)
+    y = run_layer(x, lay, cells, spec)
+    g = golden_layer(x, lay, cells, spec)
+    assert y.shape == (1, 300, 1, 1)
+    np.testing.assert_allclose(y, g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
