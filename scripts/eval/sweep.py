@@ -52,8 +52,8 @@ CRITERIA = {
     "fashion": ("top1", "drop", 0.003, "top-1 drop <= 0.3 pp"),
     "mnist_digits": ("top1", "drop", 0.003, "top-1 drop <= 0.3 pp"),
     "efficientnet": ("agree_top1", "min", 0.99, "top-1 agreement with float >= 99 %"),
-    "minilm_lee": ("spearman", "absdiff", 0.005, "|Spearman - float| <= 0.005"),
-    "minilm_wordsim": ("spearman", "absdiff", 0.005, "|Spearman - float| <= 0.005 (same bar as Lee; issue sets none)"),
+    "minilm_lee": ("spearman", "drop", 0.005, "Spearman drop <= 0.005 (gains count as no loss)"),
+    "minilm_wordsim": ("spearman", "drop", 0.005, "Spearman drop <= 0.005 (same bar as Lee; issue sets none)"),
 }
 PAPER_REDUCTION = 3.5
 
@@ -347,24 +347,37 @@ def _fmt_metric(wl: str, m: dict, f: dict, key: str) -> tuple[str, str]:
 
 
 def summary_lines(res: dict) -> list[str]:
-    wl, key = res["workload"], CRITERIA[res["workload"]][0]
-    fam_best: dict = {}
+    wl = res["workload"]
+    fams: dict = {}
     for r in res["rows"]:
-        if r["family"] == "float":
-            continue
-        fam_best.setdefault(r["family"], None)
-        if r.get("negligible_loss") and (fam_best[r["family"]] is None or
-                                         r["reduction_vs_u16"] > fam_best[r["family"]]["reduction_vs_u16"]):
-            fam_best[r["family"]] = r
-    out = [f"Largest reduction vs uniform 16-bit with negligible loss ({res['criterion']}), per family:", ""]
-    for fam, r in fam_best.items():
-        if r is None:
-            out.append(f"* `{fam}`: none of its points meets the criterion")
+        if r["family"] != "float":
+            fams.setdefault(r["family"], []).append(r)
+    out = [f"Largest reduction vs uniform 16-bit with negligible loss ({res['criterion']}), per family "
+           "(monotone reading: that point and every point of the family at a smaller reduction meet the "
+           "criterion; tolerance-mode rows not counted; an isolated passing point further out is listed "
+           "separately):", ""]
+    for fam, rs in fams.items():
+        rs = sorted(rs, key=lambda r: r["reduction_vs_u16"])
+        rs = [r for r in rs if (r.get("config") or {}).get("tolerance") is None]   # budget-mode points
+        ok_prefix = []
+        for r in rs:
+            if not r.get("negligible_loss"):
+                break
+            ok_prefix.append(r)
+        best = ok_prefix[-1] if ok_prefix else None
+        rest = [r for r in rs[len(ok_prefix):] if r.get("negligible_loss")]
+        isolated = rest[-1] if rest else None
+        if best is None:
+            line = f"* `{fam}`: none of its points meets the criterion"
         else:
-            beats = "beats" if r["reduction_vs_u16"] > PAPER_REDUCTION + 1e-9 else (
-                "equals" if abs(r["reduction_vs_u16"] - PAPER_REDUCTION) < 1e-9 else "does NOT reach")
-            out.append(f"* `{fam}`: **{r['reduction_vs_u16']:.2f}x** (`{r['method']}`, {r['crossbars']} crossbars) "
-                       f"-- {beats} the paper's 3.5x")
+            red = best["reduction_vs_u16"]
+            beats = "beats" if red > PAPER_REDUCTION + 0.01 else (
+                "reaches" if red >= PAPER_REDUCTION - 0.01 else "does NOT reach")
+            line = (f"* `{fam}`: **{red:.2f}x** (`{best['method']}`, {best['crossbars']} crossbars) "
+                    f"-- {beats} the paper's 3.5x")
+        if isolated is not None:
+            line += f"; isolated pass further out: `{isolated['method']}` ({isolated['reduction_vs_u16']:.2f}x)"
+        out.append(line)
     # equal-crossbar comparison with RTN / HQQ
     base = {r["method"]: r for r in res["rows"] if r["family"] in ("rtn-tile", "hqq-tile")}
     if base:
@@ -391,8 +404,14 @@ def write_readme(outdir: Path) -> None:
          "uniform-16-bit (resp. 8-bit) crossbars / the method's crossbars. HQQ is asymmetric (scale + zero",
          "point per tile) and is counted as uniform 4-bit tiles. `psq-mse-column` = one scale per tile column",
          "(issue 6). Tolerance-mode rows are marked `tol=`.", ""]
+    reading = outdir / "reading.md"          # hand-written reading of the evidence, kept across re-runs
+    if reading.exists():
+        L += [reading.read_text().rstrip(), ""]
     for res in results:
         wl = res["workload"]
+        res["criterion"] = CRITERIA[wl][3]
+        for r in res["rows"][1:]:      # re-judge with the current criterion
+            r["negligible_loss"] = primary_ok(wl, r["metrics"], res["rows"][0]["metrics"])
         title = f"## {wl} -- {res['preset']}" + (" (QUICK: subset, fewer budgets)" if res.get("quick") else "")
         L += [title, "",
               f"{res['items']} items{' (deterministic subset)' if res.get('subset') else ''}; "
