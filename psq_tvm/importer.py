@@ -415,6 +415,8 @@ def _np_eval(call) -> np.ndarray | None:
         out = args[0]
     elif op == "relax.where" and len(args) == 3 and all(isinstance(a, np.ndarray) for a in args):
         out = np.where(args[0], args[1], args[2])
+    elif op == "relax.broadcast_to" and isinstance(args[0], np.ndarray):
+        out = np.broadcast_to(args[0], shape).copy()
     else:
         return None
     out = np.asarray(out).astype(dtype, copy=False)
@@ -435,14 +437,25 @@ def fold_constants_numpy(mod):
 
     @mutator
     class _Folder(PyExprMutator):
+        def _const_of(self, a):
+            """``a``, or the constant a dataflow var is bound to (so folds chain through bindings)."""
+            if isinstance(a, relax.Var):
+                b = self.lookup_binding(a)
+                if isinstance(b, Constant):
+                    return b
+            return a
+
         def visit_call_(self, call):  # noqa: N802
             call = super().visit_call_(call)
             if isinstance(call, Call) and isinstance(call.op, tvm.ir.Op):
+                args = [self._const_of(a) for a in call.args]
+                if any(a is not b for a, b in zip(args, call.args)):
+                    call = self.builder_.normalize(relax.Call(call.op, args, call.attrs, call.ty_args, call.span))
                 tensors = [a for a in call.args if not isinstance(a, relax.ShapeExpr)]
                 if all(isinstance(a, Constant) for a in tensors):
                     v = _np_eval(call) if tensors else None
                     if v is not None:
-                        return relax.const(v, str(v.dtype))
+                        return relax.const(tvm.runtime.tensor(np.ascontiguousarray(v)))  # no dtype: no astype copy
                     left.append(call.op.name)
             return call
 
@@ -450,4 +463,6 @@ def fold_constants_numpy(mod):
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             folder.builder_.update_func(gv, folder.visit_expr(func))
-    return folder.builder_.get(), left
+    # bindings of folded intermediates (e.g. W before Gemm's transpose) are now unused: drop them,
+    # or the host library would embed them
+    return relax.transform.DeadCodeElimination()(folder.builder_.get()), left

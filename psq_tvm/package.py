@@ -11,7 +11,6 @@ with a :class:`PackageError` naming the file and the problem.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -42,11 +41,26 @@ def dumps(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=1) + "\n").encode()
 
 
-def blob_bytes(a: np.ndarray) -> bytes:
+def blob_bytes(a: np.ndarray) -> memoryview:
+    """The little-endian bytes of ``a`` as a read-only buffer (no copy when ``a`` already is one)."""
     a = np.ascontiguousarray(a)
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and not np.little_endian):
         a = a.astype(a.dtype.newbyteorder("<"))
-    return a.tobytes()
+    return memoryview(a.reshape(-1).view(np.uint8)).toreadonly()
+
+
+class _BufferReader:
+    """File-like ``read`` over a bytes-like object, for tarfile, without copying it whole."""
+
+    def __init__(self, data) -> None:
+        self._mv = memoryview(data).cast("B")
+        self._pos = 0
+
+    def read(self, n: int = -1) -> memoryview:
+        end = len(self._mv) if n is None or n < 0 else min(len(self._mv), self._pos + n)
+        out = self._mv[self._pos:end]
+        self._pos = end
+        return out
 
 
 class Package:
@@ -94,8 +108,8 @@ class Package:
         return rep
 
     # ------------------------------------------------------------------ write
-    def members(self) -> dict[str, bytes]:
-        """File name -> bytes of every tar member (manifest blob table filled in)."""
+    def members(self) -> dict[str, bytes | memoryview]:
+        """File name -> bytes (or a read-only buffer, for blobs) of every tar member (manifest blob table filled in)."""
         files: dict[str, bytes] = {}
         blob_table = {}
         for name in sorted(self._blobs):
@@ -134,6 +148,7 @@ class Package:
         try:
             with os.fdopen(fd, "wb") as f:
                 with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                    tar.copybufsize = 1 << 22
                     for name in sorted(files):
                         data = files[name]
                         info = tarfile.TarInfo(name)
@@ -142,7 +157,7 @@ class Package:
                         info.mode = 0o644
                         info.uid = info.gid = 0
                         info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
+                        tar.addfile(info, _BufferReader(data))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -198,3 +198,28 @@ def test_parse_input_shapes():
     assert parse_input_shapes("input:[1,3,224,224] mask:[1, 7]") == {"input": [1, 3, 224, 224], "mask": [1, 7]}
     with pytest.raises(ModelImportError):
         parse_input_shapes("input=1x3")
+
+
+def test_gemm_weight_from_expand_folds_through_bindings(monkeypatch):
+    """VGG-19 (onnx light) pattern: W = Expand(c, [N, K]) then Gemm(transB=1). The fold must chain
+    broadcast_to -> permute_dims through the dataflow bindings so the layer goes to PIM, and the
+    folded intermediates must not stay behind as dead constants in the host library."""
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from test_onnx_models import model, vi
+
+    import psq_tvm.importer
+    monkeypatch.setattr(psq_tvm.importer, "_MAX_FOLD_ELEMS", 1000)   # leave the Expand to Relax, as on VGG-19
+    n, k = 300, 200
+    inits = [nh.from_array(np.full((1, k), 0.25, np.float32), "c"),
+             nh.from_array(np.array([n, k], np.int64), "shape")]
+    nodes = [h.make_node("Expand", ["c", "shape"], ["W"], name="expand"),
+             h.make_node("Gemm", ["x", "W"], ["y"], name="fc", transB=1)]
+    m = model(nodes, [vi("x", [2, k])], [vi("y", None)], inits)
+    mod = partition(m)
+    assert patterns_of(mod) == ["pim_psq.dense"]
+    x = np.random.default_rng(5).standard_normal((2, k)).astype(np.float32)
+    pkg = check_float(m, {"x": x})
+    assert pkg.layers[0]["matrix_shape"] == [k, n]
+    assert len(pkg.host_library) < n * k * 4        # the 240 kB weight is not embedded on the host
