@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .crossbar import DEFAULT_PRESET, PRESETS
+from .search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, GRANULARITIES, OBJECTIVES
 
 _SPEC_HELP = {
     "rows": "wordlines (inputs) per crossbar",
@@ -76,11 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     for f in SPEC_OPTIONS:
         c.add_argument(f"--target-pim-psq-{f.replace('_', '-')}", dest=f"spec_{f}", metavar="VALUE",
                        help=f"crossbar option: {_SPEC_HELP.get(f, f)} (default: from the preset)")
-    c.add_argument("--psq-objective", default="mse", choices=["mse", "cdf-kl"],
-                   help="per-tile distortion the search minimises (default: mse)")
-    c.add_argument("--psq-granularity", default="tile", choices=["tile", "column"],
+    c.add_argument("--psq-objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
+                   help=f"per-tile distortion the search minimises (default: {DEFAULT_OBJECTIVE}; "
+                   "why: README, 'Defaults')")
+    c.add_argument("--psq-granularity", default=DEFAULT_GRANULARITY, choices=list(GRANULARITIES),
                    help="tile: one scale per crossbar tile; column: one scale per tile column (bitline), applied "
-                   "in the digital stage after the ADC at no crossbar cost (default: tile)")
+                   f"in the digital stage after the ADC at no crossbar cost (default: {DEFAULT_GRANULARITY})")
     c.add_argument("--psq-sensitivity", default="none", choices=["none", "synthetic"],
                    help="how tile distortions are weighted in the whole-model budget: none = relative error per "
                    "layer; synthetic = weighted by each layer's input energy per row, estimated data-free from a "

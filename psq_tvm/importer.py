@@ -455,7 +455,8 @@ def fold_constants_numpy(mod):
                 if all(isinstance(a, Constant) for a in tensors):
                     v = _np_eval(call) if tensors else None
                     if v is not None:
-                        return relax.const(tvm.runtime.tensor(np.ascontiguousarray(v)))  # no dtype: no astype copy
+                        # no dtype argument: relax.const would astype-copy; np.ascontiguousarray would make 0-d 1-d
+                        return relax.const(tvm.runtime.tensor(v if v.flags.c_contiguous else v.copy()))
                     left.append(call.op.name)
             return call
 

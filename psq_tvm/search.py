@@ -36,6 +36,7 @@ OBJECTIVES = ("mse", "cdf-kl")
 DEFAULT_OBJECTIVE = "mse"
 WEIGHTINGS = ("layer", "none")
 GRANULARITIES = ("tile", "column")
+DEFAULT_GRANULARITY = "tile"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,7 @@ class SearchConfig:
     bins: int = 2048            # fine histogram bins of |w| / max|w|
     thresholds: int = 128       # CDF thresholds for cdf-kl (bins must be a multiple)
     weighting: str = "layer"    # how tile distortions are summed for the budget
-    granularity: str = "tile"   # "tile": one scale per tile; "column": one per tile column (bitline)
+    granularity: str = DEFAULT_GRANULARITY   # "tile": one scale per tile; "column": one per tile column (bitline)
     column_bins: int = 128      # histogram bins per column when granularity == "column"
 
     def __post_init__(self) -> None:

@@ -223,3 +223,24 @@ def test_gemm_weight_from_expand_folds_through_bindings(monkeypatch):
     pkg = check_float(m, {"x": x})
     assert pkg.layers[0]["matrix_shape"] == [k, n]
     assert len(pkg.host_library) < n * k * 4        # the 240 kB weight is not embedded on the host
+
+
+def test_numpy_fold_keeps_scalar_constants(monkeypatch):
+    """A 0-d constant computed in Relax (EfficientNet's Clip bounds) stays 0-d after the numpy fold."""
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from test_onnx_models import model, vi
+
+    import psq_tvm.importer
+    monkeypatch.setattr(psq_tvm.importer, "_MAX_FOLD_ELEMS", 0)      # leave the Reshape to Relax
+    inits = [nh.from_array(np.array([-0.5], np.float32), "c"), nh.from_array(np.array([0.7], np.float32), "d"),
+             nh.from_array(np.zeros(0, np.int64), "scalar"),
+             nh.from_array(np.random.default_rng(6).standard_normal((8, 6)).astype(np.float32), "W")]
+    nodes = [h.make_node("Reshape", ["c", "scalar"], ["lo"], name="lo_scalar"),
+             h.make_node("Reshape", ["d", "scalar"], ["hi"], name="hi_scalar"),
+             h.make_node("MatMul", ["x", "W"], ["z"], name="mm"),
+             h.make_node("Clip", ["z", "lo", "hi"], ["y"], name="clip")]
+    m = model(nodes, [vi("x", [2, 8])], [vi("y", None)], inits)
+    x = np.random.default_rng(7).standard_normal((2, 8)).astype(np.float32)
+    check_float(m, {"x": x})

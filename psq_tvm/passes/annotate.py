@@ -21,7 +21,7 @@ from tvm.ir.expr import Call, Constant
 
 from ..crossbar import CrossbarSpec, preset
 from ..quant import QuantResult
-from ..search import SearchConfig, psq_search
+from ..search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConfig, psq_search
 from ..tiling import Layer
 from .partition import ATTR_NAME, composite_calls, host_layers, inner_calls
 from .patterns import _shape
@@ -96,8 +96,8 @@ class AnnotatePSQ:
     ``"reduction=3.5"``), ``tolerance`` and ``bits`` are passed to :func:`psq_tvm.psq_search`.
     """
 
-    def __init__(self, spec: CrossbarSpec | None = None, objective: str = "mse", budget: str | None = None,
-                 tolerance: float | None = None, bits: Sequence[int] | None = None, granularity: str = "tile"):
+    def __init__(self, spec: CrossbarSpec | None = None, objective: str = DEFAULT_OBJECTIVE, budget: str | None = None,
+                 tolerance: float | None = None, bits: Sequence[int] | None = None, granularity: str = DEFAULT_GRANULARITY):
         self.spec = spec or preset()
         self.options = {"objective": objective, "budget": budget, "tolerance": tolerance,
                         "bits": list(bits) if bits else None, "granularity": granularity}

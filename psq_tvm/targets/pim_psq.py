@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..crossbar import DEFAULT_PRESET, CrossbarSpec, SpecError, parse_bits, preset
+from ..search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE
 
 TAG = "pim-psq"
 TARGETS = ("pim-psq", "llvm")
@@ -142,8 +143,8 @@ def synthetic_input_moments(pkg, kind: str = "synthetic", samples: int = SYNTHET
 
 
 def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, Any] | str | None = None,
-          preset_name: str | None = None, spec: CrossbarSpec | None = None, objective: str = "mse",
-          budget: str | None = None, tolerance: float | None = None, bits: Any = None, granularity: str = "tile",
+          preset_name: str | None = None, spec: CrossbarSpec | None = None, objective: str = DEFAULT_OBJECTIVE,
+          budget: str | None = None, tolerance: float | None = None, bits: Any = None, granularity: str = DEFAULT_GRANULARITY,
           sensitivity: str = "none",
           emit_c_header: bool = False, float_weights: bool = True, fold_batchnorm: bool = True,
           progress: Callable[[str], None] | None = None, **spec_overrides: Any):
