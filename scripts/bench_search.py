@@ -144,7 +144,7 @@ def main() -> None:
           (f"; HQQ 4-bit per tile {t_hqq:.3f} s" if t_hqq else "; HQQ n/a"))
     lines = {}
     for obj in OBJECTIVES:
-        cfg = SearchConfig(objective=obj)
+        cfg = SearchConfig(objective=obj, granularity="tile")
         assert cfg.n_scales >= 16
         result = psq_search(layers, spec, config=cfg, tiles=tiles)
         t = median_time(lambda: psq_search(layers, spec, config=cfg, tiles=tiles), args.repeats)
@@ -155,12 +155,17 @@ def main() -> None:
               f"avg bits {result.avg_bits:.3f}")
         lines[obj] = (f"search: {n} weights in {t:.3f} s ({n / t / 1e6:.1f} Mweights/s), "
                       f"rtn/psq time ratio {t_rtn / t:.3f}, hqq/psq time ratio {r_hqq}")
+    for obj in OBJECTIVES:                     # per-column scales (issue 6), same tiles, fewer repeats
+        cfg = SearchConfig(objective=obj, granularity="column")
+        t = median_time(lambda: psq_search(layers, spec, config=cfg, tiles=tiles), max(1, args.repeats // 3))
+        print(f"# {obj} per-column scales (--psq-granularity column): search {t:.3f} s "
+              f"({n / t / 1e6:.1f} Mweights/s), median of {max(1, args.repeats // 3)}")
     if not args.no_real:
         for name, rl in real_models().items():
             rt = ModelTiles(rl, spec.rows, spec.cols)
             rn = int(rt.n_weights.sum())
             for obj in OBJECTIVES:
-                cfg = SearchConfig(objective=obj)
+                cfg = SearchConfig(objective=obj, granularity="tile")
                 t = median_time(lambda: psq_search(rl, spec, config=cfg, tiles=rt), args.repeats)
                 print(f"# {name} ({len(rl)} layers, {rn} weights, {rt.n_tiles} tiles) {obj}: {t:.3f} s "
                       f"({rn / t / 1e6:.1f} Mweights/s)")

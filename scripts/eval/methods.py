@@ -64,14 +64,41 @@ def rtn(tiles: ModelTiles, spec, bits: int) -> MethodResult:
     return _from_quant_result(f"rtn{bits}-tile", "rtn-tile", qr, {"bits": bits})
 
 
+def rtn_per_channel(tiles: ModelTiles, spec, bits: int = 8) -> MethodResult:
+    """Per-output-channel max-abs round-to-nearest over the whole layer (issue 6's reference).
+
+    One scale per output channel of the layer (all its row tiles share it), every tile at
+    ``bits``; counted as uniform ``bits``-bit tiles (the scales live in the digital stage).
+    """
+    t0 = time.perf_counter()
+    L = 2 ** (bits - 1) - 1
+    ws = []
+    for lay in tiles.layers:
+        w = np.asarray(lay.weight, dtype=np.float64)
+        axis = 0 if lay.kind == "conv2d" else w.ndim - 1          # conv [Cout, ...]; dense [K, N]
+        red = tuple(a for a in range(w.ndim) if a != axis)
+        mx = np.abs(w).max(axis=red, keepdims=True)
+        s = np.where(mx > 0, mx / L, 1.0)
+        ws.append((np.clip(np.round(w / s), -L, L) * s).astype(np.float32))
+    dt = time.perf_counter() - t0
+    n_channels = sum(int(lay.weight.shape[0 if lay.kind == "conv2d" else -1]) for lay in tiles.layers)
+    return MethodResult(f"rtn{bits}-channel", "rtn-channel", ws, int(uniform_crossbars(tiles, spec, bits)),
+                        float(bits), dt, {"bits": bits}, note="one max-abs scale per output channel of the "
+                        f"layer, counted as uniform {bits}-bit tiles", scale_values=n_channels)
+
+
 def psq(tiles: ModelTiles, spec, objective: str = "mse", granularity: str = "tile", budget: str | None = None,
-        tolerance: float | None = None) -> MethodResult:
+        tolerance: float | None = None, importance: np.ndarray | None = None) -> MethodResult:
+    """PSQ search; ``importance`` = per-tile sensitivity weights (``psq_tvm.sensitivity``), family ``-sens``."""
     cfg = SearchConfig(objective=objective, granularity=granularity)
-    qr = psq_search(tiles.layers, spec, config=cfg, budget=budget, tolerance=tolerance, tiles=tiles)
-    fam = f"psq-{objective}" + ("-column" if granularity == "column" else "")
+    qr = psq_search(tiles.layers, spec, config=cfg, budget=budget, tolerance=tolerance, tiles=tiles,
+                    tile_importance=importance)
+    fam = (f"psq-{objective}" + ("-column" if granularity == "column" else "")
+           + ("-sens" if importance is not None else ""))
     point = budget if budget is not None else f"tol={tolerance:g}"
     return _from_quant_result(f"{fam} {point}", fam, qr, {"objective": objective, "granularity": granularity,
-                                                         "budget": budget, "tolerance": tolerance})
+                                                         "budget": budget, "tolerance": tolerance,
+                                                         "sensitivity": importance is not None})
 
 
 def _blockwise_apply(tiles: ModelTiles, fn: Callable[[np.ndarray], np.ndarray]) -> list:

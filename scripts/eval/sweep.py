@@ -83,7 +83,21 @@ def subset_workload(wl, n: int):
     return idx
 
 
-def method_list(tiles, spec, reductions, tolerances, quick: bool):
+#: PSQ families of the sweep: objective[-column][-sens] (-sens = synthetic-input sensitivity weights)
+PSQ_FAMILIES = ("mse", "cdf-kl", "mse-column", "cdf-kl-column", "mse-column-sens", "cdf-kl-column-sens")
+
+
+def parse_family(fam: str) -> tuple[str, str, bool]:
+    sens = fam.endswith("-sens")
+    fam = fam[:-5] if sens else fam
+    gran = "column" if fam.endswith("-column") else "tile"
+    obj = fam[:-7] if gran == "column" else fam
+    if obj not in ("mse", "cdf-kl"):
+        raise SystemExit(f"sweep: unknown PSQ family {fam!r}; choose from {', '.join(PSQ_FAMILIES)}")
+    return obj, gran, sens
+
+
+def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_FAMILIES, importance=None):
     """(name, thunk) of every method row, in table order."""
     from psq_tvm.quant import uniform_crossbars
 
@@ -94,14 +108,17 @@ def method_list(tiles, spec, reductions, tolerances, quick: bool):
     rows = [
         ("uniform16-layer", lambda: M.uniform(tiles, spec, 16)),
         ("uniform8-layer", lambda: M.uniform(tiles, spec, 8)),
+        ("rtn8-channel", lambda: M.rtn_per_channel(tiles, spec, 8)),
         ("rtn4-tile", lambda: M.rtn(tiles, spec, 4)),
         ("rtn3-tile", lambda: M.rtn(tiles, spec, 3)),
         ("hqq4-tile", lambda: M.hqq(tiles, spec, 4)),
     ]
-    for obj, gran in (("mse", "tile"), ("cdf-kl", "tile"), ("mse", "column")):
+    for fam in families:
+        obj, gran, sens = parse_family(fam)
+        imp = importance if sens else None
         for b in budgets + eq:
-            rows.append((None, lambda o=obj, g=gran, b=b: M.psq(tiles, spec, o, g, budget=b)))
-        if gran == "tile":
+            rows.append((None, lambda o=obj, g=gran, b=b, i=imp: M.psq(tiles, spec, o, g, budget=b, importance=i)))
+        if gran == "tile" and not sens:
             for t in tolerances[obj][: 1 if quick else None]:
                 rows.append((None, lambda o=obj, g=gran, t=t: M.psq(tiles, spec, o, g, tolerance=t)))
     return rows
@@ -184,8 +201,13 @@ def main(argv=None) -> int:
     ap.add_argument("--items", type=int, default=None, help="deterministic subset of the evaluation set")
     ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
     ap.add_argument("--reductions", default=None, help="comma list, default 3,3.5,4,4.5,5,6")
-    ap.add_argument("--families", default="all", help="comma list of psq families to run (mse,cdf-kl,mse-column)")
+    ap.add_argument("--families", default="all",
+                    help=f"comma list of PSQ families to run (default all: {','.join(PSQ_FAMILIES)})")
     ap.add_argument("--no-tolerance", action="store_true")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the uniform/RTN/HQQ rows (use with --merge)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add the rows of this run to the existing JSON of the same workload/preset: rows of the "
+                    "same method are replaced, the others kept (and so are its sim rows if this run has none)")
     ap.add_argument("--sim-items", type=int, default=None, help="items for the full-simulator rows (default all)")
     ap.add_argument("--sim-points", default="mse:tile:reduction=4,mse:tile:reduction=3.5,mse:column:reduction=4",
                     help="objective:granularity:budget,...; 'none' to skip")
@@ -193,6 +215,7 @@ def main(argv=None) -> int:
 
     import onnx
     import psq_tvm
+    from psq_tvm.allocation import BudgetError
 
     t_start = time.perf_counter()
     wl = W.get_workload(args.workload)
@@ -237,13 +260,24 @@ def main(argv=None) -> int:
     reductions = QUICK_REDUCTIONS if args.quick else REDUCTIONS
     if args.reductions:
         reductions = tuple(float(x) for x in args.reductions.split(","))
-    fams = None if args.families == "all" else set(args.families.split(","))
+    fams = PSQ_FAMILIES if args.families == "all" else tuple(args.families.split(","))
+    for f in fams:
+        parse_family(f)
+    importance = None
+    if any(f.endswith("-sens") for f in fams):
+        from psq_tvm.sensitivity import input_weighted_importance
+        from psq_tvm.targets.pim_psq import synthetic_input_moments
+        importance = input_weighted_importance(tiles, synthetic_input_moments(pkg))
     tols = {} if args.no_tolerance else TOLERANCES
     tols = {k: tols.get(k, ()) for k in ("mse", "cdf-kl")}
     weight_rows = {}
-    for name, thunk in method_list(tiles, spec, reductions, tols, args.quick):
-        res = thunk()
-        if fams is not None and res.family.startswith("psq-") and res.family[4:] not in fams:
+    for name, thunk in method_list(tiles, spec, reductions, tols, args.quick, fams, importance):
+        if args.no_baselines and name is not None:
+            continue
+        try:
+            res = thunk()
+        except BudgetError as e:          # e.g. reduction=5 on a preset whose 2-bit floor is 4x
+            log(f"skipped: {e}")
             continue
         m, run_s, cached, key = evaluate(wl, onnx_model, mapping, res, ref, cache_dir, "")
         row = {"method": res.name, "family": res.family, "config": res.config, "crossbars": res.crossbars,
@@ -278,6 +312,16 @@ def main(argv=None) -> int:
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     jf = outdir / f"{tag}.json"
+    if args.merge and jf.exists():
+        old = json.loads(jf.read_text())
+        if old.get("weights") != out["weights"] or old.get("tiles") != out["tiles"]:
+            raise SystemExit(f"sweep: --merge: {jf} was made from other PIM layers/tiles; re-run without --merge")
+        new_rows = {r["method"]: r for r in rows}
+        merged = [new_rows.pop(r["method"], r) for r in old["rows"]]
+        out["rows"] = merged + list(new_rows.values())
+        out["sim"] = sim_rows or old.get("sim", [])
+        out["command"] = old.get("command", "") + " ; merged: " + out["command"]
+        out["total_seconds"] = round(old.get("total_seconds", 0) + out["total_seconds"], 1)
     jf.write_text(json.dumps(out, indent=1, default=float) + "\n")
     plot(out, outdir / f"{tag}.png")
     write_readme(outdir)
@@ -287,7 +331,9 @@ def main(argv=None) -> int:
 
 # ------------------------------------------------------------------ outputs
 FAMILY_STYLE = {"uniform-layer": ("k", "s"), "rtn-tile": ("tab:orange", "^"), "hqq-tile": ("tab:red", "v"),
-                "psq-mse": ("tab:blue", "o"), "psq-cdf-kl": ("tab:green", "D"), "psq-mse-column": ("tab:purple", "P")}
+                "rtn-channel": ("tab:brown", "<"), "psq-mse": ("tab:blue", "o"), "psq-cdf-kl": ("tab:green", "D"),
+                "psq-mse-column": ("tab:purple", "P"), "psq-cdf-kl-column": ("tab:olive", "X"),
+                "psq-mse-column-sens": ("tab:pink", "*"), "psq-cdf-kl-column-sens": ("tab:cyan", "h")}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -394,6 +440,7 @@ def write_readme(outdir: Path) -> None:
     files = sorted(outdir.glob("*.json"))
     order = {k: i for i, k in enumerate(["mnist_digits", "fashion", "minilm_lee", "minilm_wordsim", "efficientnet"])}
     results = [json.loads(f.read_text()) for f in files]
+    results = [r for r in results if "primary_metric" in r]     # sweep results only (not ablation / ADC JSONs)
     results.sort(key=lambda r: (r.get("quick", False), order.get(r["workload"], 99), r["preset"] != "isaac",
                                 r["preset"]))
     L = ["# Evaluation sweep: accuracy against occupied crossbars", "",
@@ -402,8 +449,10 @@ def write_readme(outdir: Path) -> None:
          "counted by the same packer. Weight-only accuracy: the PIM layers' ONNX initializers replaced by the",
          "method's fake-quantised weights, run through the workload's TVM host build. Reductions are",
          "uniform-16-bit (resp. 8-bit) crossbars / the method's crossbars. HQQ is asymmetric (scale + zero",
-         "point per tile) and is counted as uniform 4-bit tiles. `psq-mse-column` = one scale per tile column",
-         "(issue 6). Tolerance-mode rows are marked `tol=`.", ""]
+         "point per tile) and is counted as uniform 4-bit tiles. `rtn8-channel` = one max-abs scale per",
+         "output channel of the layer at 8 bits (issue 6's reference; counted as uniform 8-bit tiles).",
+         "`psq-<objective>-column` = one scale per tile column (issue 6); `-sens` = tile distortions weighted",
+         "by data-free input statistics (`--psq-sensitivity synthetic`). Tolerance-mode rows are marked `tol=`.", ""]
     reading = outdir / "reading.md"          # hand-written reading of the evidence, kept across re-runs
     if reading.exists():
         L += [reading.read_text().rstrip(), ""]
