@@ -209,3 +209,57 @@ def test_synthetic_sensitivity_compiles_deterministically(tmp_path):
     cells = a.blob("crossbars")
     for li, lay in enumerate(a.layers):
         np.testing.assert_allclose(dequantized_weight(lay, cells, a.spec), a.quant_result.dequantized(li), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_synthetic_sensitivity_with_batchnorm(fold):
+    """Sensitivity weights are finite, positive and deterministic on a conv -> BatchNorm -> conv model,
+    whether the BatchNorm is folded into the conv (default) or kept on the host."""
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from psq_tvm.sensitivity import input_weighted_importance
+    from psq_tvm.targets.pim_psq import synthetic_input_moments
+    from test_onnx_models import model, vi
+
+    r = np.random.default_rng(11)
+    inits = [nh.from_array(r.standard_normal((8, 3, 3, 3)).astype(np.float32), "W1"),
+             nh.from_array(r.standard_normal((6, 8, 3, 3)).astype(np.float32), "W2")]
+    for name, v in (("g", r.uniform(0.1, 5, 8)), ("b", r.standard_normal(8)), ("m", r.standard_normal(8)),
+                    ("v", r.uniform(0.5, 2, 8))):
+        inits.append(nh.from_array(v.astype(np.float32), name))
+    nodes = [h.make_node("Conv", ["x", "W1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             h.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn", epsilon=1e-3),
+             h.make_node("Relu", ["n"], ["a"], name="relu"),
+             h.make_node("Conv", ["a", "W2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    m = model(nodes, [vi("x", [2, 3, 6, 6])], [vi("y", [2, 6, 6, 6])], inits)
+    spec = preset("isaac", rows=32, cols=32)
+    pkgs = [psq_tvm.compile(m, spec=spec, budget="avg-bits=4", sensitivity="synthetic", fold_batchnorm=fold)
+            for _ in range(2)]
+    ms = synthetic_input_moments(pkgs[0])
+    assert [x.shape for x in ms] == [(3,), (8,)]
+    assert all(np.all(np.isfinite(x)) and np.all(x >= 0) for x in ms)
+    imp = input_weighted_importance(pkgs[0].quant_result.tiles, ms)
+    assert np.all(np.isfinite(imp)) and np.all(imp > 0)
+    assert not np.allclose(imp, 1.0)                 # the BN'd, ReLU'd input of conv2 is not white
+    np.testing.assert_array_equal(imp, input_weighted_importance(pkgs[1].quant_result.tiles,
+                                                                 synthetic_input_moments(pkgs[1])))
+    assert pkgs[0].blob("crossbars").tobytes() == pkgs[1].blob("crossbars").tobytes()
+
+
+def test_output_sensitivity_finite_deterministic_no_leak():
+    """Synthetic output sensitivity (eval option): one finite positive factor per PIM layer, geometric
+    mean 1, the same on a second call."""
+    from psq_tvm.targets.pim_psq import output_sensitivity
+    spec = preset("isaac", rows=32, cols=32)
+    pkg = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3")
+    a = output_sensitivity(pkg, pkg.quant_result)
+    b = output_sensitivity(pkg, pkg.quant_result)
+    assert a.shape == (len(pkg.layers),) and np.all(np.isfinite(a)) and np.all(a > 0)
+    np.testing.assert_allclose(np.exp(np.log(a).mean()), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(a, b)
+    # the probe must not leak into later float runs
+    x = np.random.default_rng(0).standard_normal(pkg.manifest["inputs"][0]["shape"]).astype(np.float32)
+    y1 = pkg.run([x], "float")[0]
+    fresh = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3")
+    np.testing.assert_array_equal(y1, fresh.run([x], "float")[0])

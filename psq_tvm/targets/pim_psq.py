@@ -142,6 +142,54 @@ def synthetic_input_moments(pkg, kind: str = "synthetic", samples: int = SYNTHET
     return [sums[str(l["id"])] / counts[str(l["id"])] if str(l["id"]) in sums else None for l in layers]
 
 
+def output_sensitivity(pkg, result, samples: int = 8, seed: int = 0) -> np.ndarray | None:
+    """Per-layer output sensitivity from seeded synthetic inputs (no data): ``[n_layers]`` or None.
+
+    For every PIM layer ``l``, the float model is run with only that layer's weight replaced by its
+    quantised version in ``result`` (a probe allocation); the factor is the relative output error
+    ``||y_l - y||^2 / ||y||^2`` divided by the layer's relative weight error ``||dW||^2 / ||W||^2``,
+    i.e. how much of a layer's weight error reaches the network output.  Normalised to geometric
+    mean 1.  None for models with integer inputs (nothing to synthesise).
+    """
+    from ..tiling import unroll
+
+    info = pkg.manifest["inputs"]
+    layers = pkg.manifest["layers"]
+    if any(not str(i["dtype"]).startswith("float") for i in info):
+        return None
+    rng = np.random.default_rng(seed)
+    batch = max(1, int(info[0]["shape"][0]) if info[0]["shape"] else 1)
+    feeds_list = [[rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in info]
+                  for _ in range(max(1, -(-samples // batch)))]
+
+    def outputs() -> np.ndarray:
+        return np.concatenate([np.concatenate([np.asarray(o, np.float64).ravel() for o in pkg.run(f, "float")])
+                               for f in feeds_list])
+
+    y0 = outputs()
+    e0 = max(float(y0 @ y0), 1e-300)
+    cache = pkg.__dict__.setdefault("_runtime_cache", {})
+    factor = np.ones(len(layers))
+    for li, lay in enumerate(layers):
+        w = np.asarray(result.tiles.layers[li].weight, np.float64)
+        wq = result.dequantized(li).astype(np.float64)
+        rel_w = float(((wq - w) ** 2).sum() / max((w ** 2).sum(), 1e-300))
+        if rel_w <= 0:
+            continue
+        key = ("float", str(lay["id"]))
+        saved = cache.pop(key, None)
+        kind = "conv2d" if lay["op"] == "conv2d" else "dense"
+        cache[key] = [np.ascontiguousarray(m, dtype=np.float64) for m in unroll(wq, kind, int(lay["groups"]))]
+        try:
+            d = outputs() - y0
+        finally:
+            cache.pop(key, None)
+            if saved is not None:
+                cache[key] = saved
+        factor[li] = max(float(d @ d) / e0, 1e-30) / rel_w
+    return factor / np.exp(np.log(factor).mean())
+
+
 def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, Any] | str | None = None,
           preset_name: str | None = None, spec: CrossbarSpec | None = None, objective: str = DEFAULT_OBJECTIVE,
           budget: str | None = None, tolerance: float | None = None, bits: Any = None, granularity: str = DEFAULT_GRANULARITY,

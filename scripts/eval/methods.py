@@ -88,17 +88,17 @@ def rtn_per_channel(tiles: ModelTiles, spec, bits: int = 8) -> MethodResult:
 
 
 def psq(tiles: ModelTiles, spec, objective: str = "mse", granularity: str = "tile", budget: str | None = None,
-        tolerance: float | None = None, importance: np.ndarray | None = None) -> MethodResult:
-    """PSQ search; ``importance`` = per-tile sensitivity weights (``psq_tvm.sensitivity``), family ``-sens``."""
+        tolerance: float | None = None, importance: np.ndarray | None = None, sens: str | None = None) -> MethodResult:
+    """PSQ search; ``importance`` = per-tile sensitivity weights, family suffix ``-<sens>`` (sens/osens)."""
     cfg = SearchConfig(objective=objective, granularity=granularity)
     qr = psq_search(tiles.layers, spec, config=cfg, budget=budget, tolerance=tolerance, tiles=tiles,
                     tile_importance=importance)
     fam = (f"psq-{objective}" + ("-column" if granularity == "column" else "")
-           + ("-sens" if importance is not None else ""))
+           + (f"-{sens or 'sens'}" if importance is not None else ""))
     point = budget if budget is not None else f"tol={tolerance:g}"
     return _from_quant_result(f"{fam} {point}", fam, qr, {"objective": objective, "granularity": granularity,
                                                          "budget": budget, "tolerance": tolerance,
-                                                         "sensitivity": importance is not None})
+                                                         "sensitivity": (sens or "sens") if importance is not None else None})
 
 
 def _blockwise_apply(tiles: ModelTiles, fn: Callable[[np.ndarray], np.ndarray]) -> list:

@@ -83,22 +83,27 @@ def subset_workload(wl, n: int):
     return idx
 
 
-#: PSQ families of the sweep: objective[-column][-sens] (-sens = synthetic-input sensitivity weights)
+#: PSQ families of the sweep: objective[-column][-sens|-osens]; -sens = synthetic-input moments per row,
+#: -osens = synthetic output sensitivity per layer (probe: the family's own search at reduction=4)
 PSQ_FAMILIES = ("mse", "cdf-kl", "mse-column", "cdf-kl-column", "mse-column-sens", "cdf-kl-column-sens")
+OSENS_PROBE = "reduction=4"
 
 
-def parse_family(fam: str) -> tuple[str, str, bool]:
-    sens = fam.endswith("-sens")
-    fam = fam[:-5] if sens else fam
+def parse_family(fam: str) -> tuple[str, str, str | None]:
+    sens = None
+    for suffix in ("-osens", "-sens"):
+        if fam.endswith(suffix):
+            sens, fam = suffix[1:], fam[: -len(suffix)]
+            break
     gran = "column" if fam.endswith("-column") else "tile"
     obj = fam[:-7] if gran == "column" else fam
     if obj not in ("mse", "cdf-kl"):
-        raise SystemExit(f"sweep: unknown PSQ family {fam!r}; choose from {', '.join(PSQ_FAMILIES)}")
+        raise SystemExit(f"sweep: unknown PSQ family {fam!r}; choose from {', '.join(PSQ_FAMILIES)} (or -osens)")
     return obj, gran, sens
 
 
 def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_FAMILIES, importance=None):
-    """(name, thunk) of every method row, in table order."""
+    """(name, thunk) of every method row, in table order; ``importance(obj, gran, kind)`` -> tile weights."""
     from psq_tvm.quant import uniform_crossbars
 
     n4 = uniform_crossbars(tiles, spec, 4)
@@ -115,9 +120,9 @@ def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_F
     ]
     for fam in families:
         obj, gran, sens = parse_family(fam)
-        imp = importance if sens else None
         for b in budgets + eq:
-            rows.append((None, lambda o=obj, g=gran, b=b, i=imp: M.psq(tiles, spec, o, g, budget=b, importance=i)))
+            rows.append((None, lambda o=obj, g=gran, b=b, k=sens: M.psq(
+                tiles, spec, o, g, budget=b, importance=importance(o, g, k) if k else None, sens=k)))
         if gran == "tile" and not sens:
             for t in tolerances[obj][: 1 if quick else None]:
                 rows.append((None, lambda o=obj, g=gran, t=t: M.psq(tiles, spec, o, g, tolerance=t)))
@@ -263,13 +268,27 @@ def main(argv=None) -> int:
     fams = PSQ_FAMILIES if args.families == "all" else tuple(args.families.split(","))
     for f in fams:
         parse_family(f)
-    importance = None
-    if any(f.endswith("-sens") for f in fams):
-        from psq_tvm.sensitivity import input_weighted_importance
-        from psq_tvm.targets.pim_psq import synthetic_input_moments
-        importance = input_weighted_importance(tiles, synthetic_input_moments(pkg))
     tols = {} if args.no_tolerance else TOLERANCES
     tols = {k: tols.get(k, ()) for k in ("mse", "cdf-kl")}
+    _imp_cache: dict = {}
+
+    def importance(obj, gran, kind):
+        """Per-tile sensitivity weights for a family (computed once per key)."""
+        from psq_tvm.sensitivity import input_weighted_importance
+        from psq_tvm.targets.pim_psq import output_sensitivity, synthetic_input_moments
+        key = ("sens",) if kind == "sens" else ("osens", obj, gran)
+        if key not in _imp_cache:
+            t0 = time.perf_counter()
+            if kind == "sens":
+                _imp_cache[key] = input_weighted_importance(tiles, synthetic_input_moments(pkg))
+            else:
+                probe = psq_tvm.psq_search(tiles.layers, spec, tiles=tiles, budget=OSENS_PROBE,
+                                           config=psq_tvm.SearchConfig(objective=obj, granularity=gran))
+                f = output_sensitivity(pkg, probe)
+                _imp_cache[key] = np.ones(tiles.n_tiles) if f is None else f[tiles.layer]
+            log(f"sensitivity {key}: {time.perf_counter() - t0:.1f} s")
+        return _imp_cache[key]
+
     weight_rows = {}
     for name, thunk in method_list(tiles, spec, reductions, tols, args.quick, fams, importance):
         if args.no_baselines and name is not None:
@@ -333,7 +352,8 @@ def main(argv=None) -> int:
 FAMILY_STYLE = {"uniform-layer": ("k", "s"), "rtn-tile": ("tab:orange", "^"), "hqq-tile": ("tab:red", "v"),
                 "rtn-channel": ("tab:brown", "<"), "psq-mse": ("tab:blue", "o"), "psq-cdf-kl": ("tab:green", "D"),
                 "psq-mse-column": ("tab:purple", "P"), "psq-cdf-kl-column": ("tab:olive", "X"),
-                "psq-mse-column-sens": ("tab:pink", "*"), "psq-cdf-kl-column-sens": ("tab:cyan", "h")}
+                "psq-mse-column-sens": ("tab:pink", "*"), "psq-cdf-kl-column-sens": ("tab:cyan", "h"),
+                "psq-mse-column-osens": ("tab:gray", "p"), "psq-cdf-kl-osens": ("lime", "d")}
 
 
 def plot(res: dict, path: Path) -> None:
