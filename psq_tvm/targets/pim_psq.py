@@ -107,6 +107,20 @@ SENSITIVITIES = ("none", "synthetic")
 SYNTHETIC_SAMPLES = 32
 
 
+def synthetic_feeds(pkg, samples: int, seed: int) -> list[list[np.ndarray]] | None:
+    """Seeded N(0, 1) feeds for the package's inputs, enough batches for ``samples`` items (no data).
+
+    None when an input is not float (token ids cannot be synthesised this way).
+    """
+    info = pkg.manifest["inputs"]
+    if any(not str(i["dtype"]).startswith("float") for i in info):
+        return None
+    rng = np.random.default_rng(seed)
+    batch = max(1, int(info[0]["shape"][0]) if info[0]["shape"] else 1)
+    return [[rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in info]
+            for _ in range(max(1, -(-samples // batch)))]
+
+
 def synthetic_input_moments(pkg, kind: str = "synthetic", samples: int = SYNTHETIC_SAMPLES,
                             seed: int = 0) -> list[np.ndarray | None]:
     """``E[x^2]`` per input channel of every PIM layer, from a float run on seeded N(0, 1) inputs (no data).
@@ -116,16 +130,13 @@ def synthetic_input_moments(pkg, kind: str = "synthetic", samples: int = SYNTHET
     """
     if kind not in SENSITIVITIES:
         raise ValueError(f"unknown sensitivity {kind!r}; choose one of {SENSITIVITIES}")
-    info = pkg.manifest["inputs"]
     layers = pkg.manifest["layers"]
-    if any(not str(i["dtype"]).startswith("float") for i in info):
+    feeds_list = synthetic_feeds(pkg, samples, seed)
+    if feeds_list is None:
         return [None] * len(layers)
-    rng = np.random.default_rng(seed)
-    batch = max(1, int(info[0]["shape"][0]) if info[0]["shape"] else 1)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for _ in range(max(1, -(-samples // batch))):
-        feeds = [rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in info]
+    for feeds in feeds_list:
         _, trace = pkg.run(feeds, "float", trace=True)
         for lid, x, _y in trace:
             lay = next(l for l in layers if str(l["id"]) == lid)
@@ -153,14 +164,10 @@ def output_sensitivity(pkg, result, samples: int = 8, seed: int = 0) -> np.ndarr
     """
     from ..tiling import unroll
 
-    info = pkg.manifest["inputs"]
     layers = pkg.manifest["layers"]
-    if any(not str(i["dtype"]).startswith("float") for i in info):
+    feeds_list = synthetic_feeds(pkg, samples, seed)
+    if feeds_list is None:
         return None
-    rng = np.random.default_rng(seed)
-    batch = max(1, int(info[0]["shape"][0]) if info[0]["shape"] else 1)
-    feeds_list = [[rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in info]
-                  for _ in range(max(1, -(-samples // batch)))]
 
     def outputs() -> np.ndarray:
         return np.concatenate([np.concatenate([np.asarray(o, np.float64).ravel() for o in pkg.run(f, "float")])
