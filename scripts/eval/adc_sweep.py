@@ -13,7 +13,6 @@ golden model (fake-quantised weights and activations, no ADC), and prints top-1 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
     out = {"workload": args.workload, "preset": args.preset, "items": int(len(X)), "spec": spec.to_dict(),
            "rows": rows, "command": "scripts/eval/adc_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     p = Path(args.out) / f"{args.workload}_{args.preset}_adc.json"
-    p.write_text(json.dumps(out, indent=1) + "\n")
+    W.write_json(p, out)
     print(f"wrote {p}")
     return 0
 

@@ -15,7 +15,6 @@ weight error ||W_q - W|| / ||W||, and the metric against float.  Writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 
 import methods as M  # noqa: E402
 import workloads as W  # noqa: E402
+from sweep import restrict_workload  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,7 +47,6 @@ def main(argv=None) -> int:
     wl = W.get_workload(args.workload)
     onnx_path = wl.onnx_path()
     model = onnx.load(str(onnx_path))
-    d = wl.data
     n = wl.num_items
     if args.items:
         idx = np.linspace(0, n - 1, args.items).round().astype(int)
@@ -55,8 +54,7 @@ def main(argv=None) -> int:
         idx = np.arange(0, n, len(W.CROPS))          # the centre crop of every photo
     else:
         idx = np.arange(n)
-    wl._cache["data"] = dict(d, inputs={k: v[idx] for k, v in d["inputs"].items()},
-                             labels=None if d["labels"] is None else d["labels"][idx])
+    restrict_workload(wl, idx)
     pkg = psq_tvm.compile(str(onnx_path), target="pim-psq", preset=args.preset,
                           input_shapes={k: list(v) for k, v in wl.input_shapes.items()})
     tiles, spec = pkg.quant_result.tiles, pkg.quant_result.spec
@@ -89,7 +87,7 @@ def main(argv=None) -> int:
            "crossbars": int(qr.crossbars), "rows": rows, "seconds": round(time.perf_counter() - t_all, 1),
            "command": "scripts/eval/layer_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     p = Path(args.out) / f"{args.workload}_layer_ablation.json"
-    p.write_text(json.dumps(out, indent=1) + "\n")
+    W.write_json(p, out)
     print(f"wrote {p}")
     return 0
 

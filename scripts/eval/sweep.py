@@ -71,16 +71,20 @@ def _md5(arrays) -> str:
     return h.hexdigest()
 
 
+def restrict_workload(wl, idx: np.ndarray) -> np.ndarray:
+    """Restrict ``wl`` to the items ``idx`` (in place)."""
+    d = wl.data
+    wl._cache["data"] = dict(d, inputs={k: v[idx] for k, v in d["inputs"].items()},
+                             labels=None if d["labels"] is None else d["labels"][idx])
+    return idx
+
+
 def subset_workload(wl, n: int):
     """Restrict ``wl`` to a deterministic, evenly strided subset of ``n`` items (in place)."""
     N = wl.num_items
     if n >= N:
         return None
-    idx = np.linspace(0, N - 1, n).round().astype(int)
-    d = wl.data
-    wl._cache["data"] = dict(d, inputs={k: v[idx] for k, v in d["inputs"].items()},
-                             labels=None if d["labels"] is None else d["labels"][idx])
-    return idx
+    return restrict_workload(wl, np.linspace(0, N - 1, n).round().astype(int))
 
 
 #: PSQ families of the sweep: objective[-column][-sens|-osens]; -sens = synthetic-input moments per row,
@@ -341,7 +345,7 @@ def main(argv=None) -> int:
         out["sim"] = sim_rows or old.get("sim", [])
         out["command"] = old.get("command", "") + " ; merged: " + out["command"]
         out["total_seconds"] = round(old.get("total_seconds", 0) + out["total_seconds"], 1)
-    jf.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    W.write_json(jf, out)
     plot(out, outdir / f"{tag}.png")
     write_readme(outdir)
     log(f"wrote {jf} ({out['total_seconds']:.0f} s total)")
