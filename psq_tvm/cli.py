@@ -83,10 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-granularity", default=DEFAULT_GRANULARITY, choices=list(GRANULARITIES),
                    help="tile: one scale per crossbar tile; column: one scale per tile column (bitline), applied "
                    f"in the digital stage after the ADC at no crossbar cost (default: {DEFAULT_GRANULARITY})")
-    c.add_argument("--psq-sensitivity", default="none", choices=["none", "synthetic"],
+    c.add_argument("--psq-sensitivity", default="none", choices=["none", "synthetic", "bn"],
                    help="how tile distortions are weighted in the whole-model budget: none = relative error per "
                    "layer; synthetic = weighted by each layer's input energy per row, estimated data-free from a "
-                   "float run on seeded N(0,1) inputs (default: none)")
+                   "float run on seeded N(0,1) inputs; bn = the same energy from the BatchNorm before each layer "
+                   "(the model's own statistics, propagated through ReLU/Clip/Add; layers without one get "
+                   "weight 1) (default: none)")
+    c.add_argument("--psq-bias-correction", default="none", choices=["none", "synthetic", "bn"],
+                   help="data-free bias correction (DFQ): add -E[x]^T (W_q - W) to each PIM layer's bias, so the "
+                   "quantisation error does not shift the expected output; input means E[x] from: synthetic = a "
+                   "float run on seeded N(0,1) inputs (float model inputs only); bn = the BatchNorm before each "
+                   "layer (layers without one are not corrected). Stored as a separate bias_correction blob, "
+                   "applied in the sim and fake-quant modes (default: none)")
     c.add_argument("--psq-budget", metavar="KIND=VALUE",
                    help="whole-model budget: avg-bits=4.5, crossbars=N or reduction=3.5 (x fewer crossbars than "
                    "uniform 16-bit); default reduction=4")
@@ -157,7 +165,7 @@ def cmd_compile(a) -> int:
         raise CLIError("-o/--output must name the package file")
     pkg = psq_compile(a.FILE, a.target, input_shapes=a.input_shapes, preset=a.target_pim_psq_preset,
                       objective=a.psq_objective, granularity=a.psq_granularity,
-                      sensitivity=a.psq_sensitivity, budget=a.psq_budget, tolerance=a.psq_tolerance, bits=a.psq_bits,
+                      sensitivity=a.psq_sensitivity, bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance, bits=a.psq_bits,
                       emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
                       fold_batchnorm=not a.no_fold_batchnorm, progress=say,
                       **overrides)

@@ -32,6 +32,9 @@ _FOLDABLE = {
     "Less", "Greater", "NonZero", "ScatterND", "CumSum", "Split", "Mod", "Clip", "Relu", "Sign", "Round",
 }
 _MAX_FOLD_ELEMS = 1 << 24
+#: generators (ConstantOfShape, Expand) with larger outputs are left to the Relax-level numpy fold,
+#: which writes them once, straight into the buffer TVM keeps (no protobuf round trip of the weights)
+_MAX_ONNX_GENERATED = 1 << 16
 
 
 def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
@@ -151,6 +154,17 @@ def input_info(model) -> list[dict[str, Any]]:
     return out
 
 
+def _generated_size(node, value) -> int:
+    """Elements a ConstantOfShape / Expand node with constant inputs produces."""
+    try:
+        if node.op_type == "ConstantOfShape":
+            return int(np.prod(value(node.input[0]), dtype=np.int64))
+        shape = np.broadcast_shapes(value(node.input[0]).shape, tuple(int(d) for d in value(node.input[1])))
+        return int(np.prod(shape, dtype=np.int64))
+    except Exception:
+        return 0            # malformed: let the reference evaluator report it
+
+
 def fold_onnx(model):
     """Shape inference plus constant folding of every node whose inputs are known; returns a new model."""
     import onnx
@@ -198,6 +212,9 @@ def fold_onnx(model):
                 continue
             foldable = all((not i) or i in known for i in node.input)
             if foldable and sum(value(i).size for i in node.input if i) > _MAX_FOLD_ELEMS:
+                foldable = False
+            if foldable and node.op_type in ("ConstantOfShape", "Expand") and _generated_size(node, value) > \
+                    _MAX_ONNX_GENERATED:
                 foldable = False
         if foldable:
             try:
@@ -343,13 +360,18 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     """ONNX -> Relax IRModule with weights as folded constants.
 
     Returns ``(mod, info)`` with ``info`` = {"inputs": [...], "names": {fingerprint: onnx node name},
-    "model": display name}.
+    "model": display name, "bn_stats": {node name: (E[x], E[x^2]) per input channel, from BatchNorms}}.
     """
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    model, where = prepare_onnx(model_or_path, input_shapes, batchnorm)
+    from .bn_stats import batchnorm_input_stats
+
+    model, where = prepare_onnx(model_or_path, input_shapes, batchnorm=False)
+    bn_stats = batchnorm_input_stats(model)          # before the BatchNorms are folded away
+    if batchnorm:
+        model = fold_batchnorm(model)
     inputs = input_info(model)
     shape_dict = {i["name"]: i["shape"] for i in inputs}
     dtype_dict = {i["name"]: i["dtype"] for i in inputs}
@@ -366,7 +388,7 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     mod, left = fold_constants_numpy(mod)
     if left:
         mod = relax.transform.FoldConstant()(mod)   # whatever numpy did not cover (rare)
-    return mod, {"inputs": inputs, "names": weight_names(model), "model": where}
+    return mod, {"inputs": inputs, "names": weight_names(model), "model": where, "bn_stats": bn_stats}
 
 
 # ------------------------------------------------------------------ relax constant folding in numpy
@@ -400,7 +422,9 @@ def _np_eval(call) -> np.ndarray | None:
     if shape is None:
         return None
     dtype = str(call.ty.dtype)
-    args = [a.value.numpy() if isinstance(a, Constant) else a for a in call.args]
+    # zero-copy views of the constants' TVM buffers (read only here)
+    # (writable views, so that results sharing their memory can be handed back to TVM; not modified)
+    args = [np.from_dlpack(a.value) if isinstance(a, Constant) else a for a in call.args]
     if op in _NP_UNARY and len(args) == 1 and isinstance(args[0], np.ndarray):
         out = _NP_UNARY[op](args[0])
     elif op in _NP_BINARY and len(args) == 2 and all(isinstance(a, np.ndarray) for a in args):
@@ -410,17 +434,57 @@ def _np_eval(call) -> np.ndarray | None:
         out = args[0].reshape(shape)
     elif op == "relax.permute_dims" and isinstance(args[0], np.ndarray):
         axes = call.attrs.axes
-        out = np.transpose(args[0], None if axes is None else [int(a) for a in axes])
+        axes = list(range(args[0].ndim))[::-1] if axes is None else [int(a) for a in axes]
+        out = _transpose(args[0], axes)
     elif op == "relax.astype" and isinstance(args[0], np.ndarray):
         out = args[0]
     elif op == "relax.where" and len(args) == 3 and all(isinstance(a, np.ndarray) for a in args):
         out = np.where(args[0], args[1], args[2])
     elif op == "relax.broadcast_to" and isinstance(args[0], np.ndarray):
-        out = np.broadcast_to(args[0], shape).copy()
+        out = _aligned_empty(shape, args[0].dtype)
+        out[...] = args[0]
     else:
         return None
     out = np.asarray(out).astype(dtype, copy=False)
     return out if list(out.shape) == shape else None
+
+
+def const_array(c) -> np.ndarray:
+    """The value of a relax ``Constant`` as a read-only numpy array sharing its memory (no copy)."""
+    a = np.from_dlpack(c.value)
+    a.flags.writeable = False
+    return a
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """Uninitialised C-contiguous array on a 64-byte boundary (what TVM adopts without a copy)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + 64, dtype=np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + n].view(dtype).reshape(shape)
+
+
+def _transpose(a: np.ndarray, axes: list[int], block: int = 256) -> np.ndarray:
+    """``np.transpose`` materialised; a 2-D transpose goes block by block (cache friendly)."""
+    out = _aligned_empty([a.shape[i] for i in axes], a.dtype)
+    if a.ndim == 2 and axes == [1, 0]:
+        for i in range(0, a.shape[0], block):
+            out[:, i:i + block] = a[i:i + block].T
+    else:
+        out[...] = np.transpose(a, axes)
+    return out
+
+
+def _to_tvm(v: np.ndarray):
+    """A TVM tensor holding ``v``; shares its memory when ``v`` is C-contiguous and 64-byte aligned."""
+    import tvm
+
+    if not (v.flags.c_contiguous and v.ctypes.data % 64 == 0) or v.dtype.kind not in "biuf":
+        w = _aligned_empty(v.shape, v.dtype)
+        w[...] = v
+        v = w
+    return tvm.runtime.from_dlpack(v)
 
 
 def fold_constants_numpy(mod):
@@ -455,8 +519,8 @@ def fold_constants_numpy(mod):
                 if all(isinstance(a, Constant) for a in tensors):
                     v = _np_eval(call) if tensors else None
                     if v is not None:
-                        # no dtype argument: relax.const would astype-copy; np.ascontiguousarray would make 0-d 1-d
-                        return relax.const(tvm.runtime.tensor(v if v.flags.c_contiguous else v.copy()))
+                        # a TVM tensor, not numpy: relax.const would astype-copy; 0-d stays 0-d
+                        return relax.const(_to_tvm(v))
                     left.append(call.op.name)
             return call
 

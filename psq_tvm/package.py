@@ -15,6 +15,7 @@ import json
 import os
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -112,12 +113,16 @@ class Package:
         """File name -> bytes (or a read-only buffer, for blobs) of every tar member (manifest blob table filled in)."""
         files: dict[str, bytes] = {}
         blob_table = {}
-        for name in sorted(self._blobs):
+        names = sorted(self._blobs)
+        datas = [blob_bytes(self._blobs[n]) for n in names]
+        # hashlib releases the GIL on large buffers: hash the blobs on two threads
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            digests = list(pool.map(sha256, datas))
+        for name, data, digest in zip(names, datas, digests):
             a = self._blobs[name]
-            data = blob_bytes(a)
             fname = f"{name}.bin"
             blob_table[name] = {"file": fname, "dtype": str(np.dtype(a.dtype).newbyteorder("=").name),
-                                "shape": [int(d) for d in a.shape], "byte_order": "little", "sha256": sha256(data)}
+                                "shape": [int(d) for d in a.shape], "byte_order": "little", "sha256": digest}
             files[fname] = data
         man = dict(self.manifest)
         man["blobs"] = blob_table

@@ -92,6 +92,10 @@ class QuantResult:
         s = self.scales[ids]
         return s[:, None, :, :tc] if s.ndim == 3 else s[:, None, :, None]
 
+    def block_levels(self, view: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Integer levels (int16) of a canonical block of weights ``[nr, tr, nc, tc]`` with global tile ids ``[nr, nc]``."""
+        return quantize_levels(view, self._scale_view(ids, view.shape[3]), self.bits[ids][:, None, :, None])
+
     def levels(self, layer: int) -> list[np.ndarray]:
         """Integer levels of each unrolled matrix of a layer (int16, same shape as the matrix)."""
         out = []
@@ -100,8 +104,7 @@ class QuantResult:
                 continue
             q = empty_like_layout(m, np.int16)
             for (view, ids), (qview, _) in zip(canonical_blocks(m, grid), canonical_blocks(q, grid)):
-                qview[...] = quantize_levels(view, self._scale_view(first + ids, view.shape[3]),
-                                             self.bits[first + ids][:, None, :, None])
+                qview[...] = self.block_levels(view, first + ids)
             out.append(q)
         return out
 

@@ -130,7 +130,15 @@ class Session:
             self._sim = simulator.golden_layer
 
     def bias(self, layer: dict) -> np.ndarray | None:
-        return None if layer.get("bias") is None else self.package.blob(layer["bias"])
+        """The layer's bias; in the quantised modes plus its bias correction (if the package has one)."""
+        b = None if layer.get("bias") is None else self.package.blob(layer["bias"])
+        if self.mode == "float" or layer.get("bias_correction") is None:
+            return b
+        key = ("bias", str(layer["id"]))
+        if key not in self._mats:
+            c = self.package.blob(layer["bias_correction"])
+            self._mats[key] = c.copy() if b is None else (b + c).astype(np.float32)
+        return self._mats[key]
 
     def matrices(self, layer: dict) -> list[np.ndarray]:
         key = (self.mode, str(layer["id"]))

@@ -28,7 +28,11 @@ from .tiling import Layer, ModelTiles, unroll
 
 
 def row_statistic(layer: Layer, channel_stat: np.ndarray) -> list[np.ndarray]:
-    """Expand a per-input-channel statistic to the rows of each unrolled matrix of ``layer``."""
+    """Expand a per-input-channel statistic to the rows of each unrolled matrix of ``layer``.
+
+    For a conv the statistic may also be given per im2col row already (``Cin * kh * kw`` values in
+    row order), e.g. means over the padded patches; it is then only split by group.
+    """
     channel_stat = np.asarray(channel_stat, dtype=np.float64).ravel()
     if layer.kind == "dense":
         K = layer.matrices[0].shape[0]
@@ -36,6 +40,9 @@ def row_statistic(layer: Layer, channel_stat: np.ndarray) -> list[np.ndarray]:
             raise ValueError(f"layer {layer.name!r}: {channel_stat.size} input statistics for {K} inputs")
         return [channel_stat]
     cout, cin_g, kh, kw = layer.weight.shape
+    per_group = cin_g * kh * kw
+    if kh * kw > 1 and channel_stat.size == per_group * layer.groups:
+        return [channel_stat[g * per_group:(g + 1) * per_group] for g in range(layer.groups)]
     if channel_stat.size != cin_g * layer.groups:
         raise ValueError(f"layer {layer.name!r}: {channel_stat.size} channel statistics for "
                          f"{cin_g * layer.groups} input channels")
@@ -75,7 +82,10 @@ def input_weighted_importance(tiles: ModelTiles, channel_ms: Sequence[np.ndarray
 
 
 def bias_correction(result: QuantResult, layer: int, channel_mean: np.ndarray) -> np.ndarray:
-    """Term to add to the bias of ``layer`` (one per output channel) cancelling ``E[x]^T (W_q - W)``."""
+    """Term to add to the bias of ``layer`` (one per output channel) cancelling ``E[x]^T (W_q - W)``.
+
+    ``channel_mean`` is ``E[x]`` per input channel, or for a conv per im2col row (exact with padding).
+    """
     lay = result.tiles.layers[layer]
     rows = row_statistic(lay, channel_mean)
     deq = result.dequantized(layer)

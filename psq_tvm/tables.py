@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .quant import QuantResult
+from .tiling import canonical_blocks
 
 
 def tile_levels(result: QuantResult) -> list[np.ndarray]:
@@ -37,16 +38,23 @@ def tile_levels(result: QuantResult) -> list[np.ndarray]:
     return out
 
 
-def encode_tile(q: np.ndarray, bits: int, encoding: str, cell_bits: int, slices: int) -> np.ndarray:
-    """Cell values of one tile: uint8 ``[slices, polarities, nrows, ncols]``."""
+def encode_tiles(q: np.ndarray, bits: int, encoding: str, cell_bits: int, slices: int) -> np.ndarray:
+    """Cell values of tiles of one bitwidth: levels ``[k, nrows, ncols]`` -> uint8 ``[k, slices, polarities, nrows, ncols]``."""
     mask = (1 << cell_bits) - 1
     q = q.astype(np.int32)
     if encoding == "offset":
-        planes = [q + (1 << (bits - 1))]
+        planes = (q + (1 << (bits - 1)))[:, None]
     else:
-        planes = [np.maximum(q, 0), np.maximum(-q, 0)]
-    shifts = (np.arange(slices, dtype=np.int32) * cell_bits)[:, None, None, None]
-    return ((np.stack(planes)[None] >> shifts) & mask).astype(np.uint8)
+        planes = np.stack([np.maximum(q, 0), np.maximum(-q, 0)], axis=1)
+    out = np.empty((q.shape[0], slices) + planes.shape[1:], dtype=np.uint8)
+    for j in range(slices):
+        out[:, j] = (planes >> (j * cell_bits)) & mask
+    return out
+
+
+def encode_tile(q: np.ndarray, bits: int, encoding: str, cell_bits: int, slices: int) -> np.ndarray:
+    """Cell values of one tile: uint8 ``[slices, polarities, nrows, ncols]``."""
+    return encode_tiles(q[None], bits, encoding, cell_bits, slices)[0]
 
 
 def decode_tile(cells: np.ndarray, bits: int, encoding: str, cell_bits: int) -> np.ndarray:
@@ -59,16 +67,35 @@ def decode_tile(cells: np.ndarray, bits: int, encoding: str, cell_bits: int) -> 
 
 
 def crossbar_cells(result: QuantResult) -> np.ndarray:
-    """Cell levels of every occupied crossbar: uint8 ``[n_crossbars, rows, cols]``."""
+    """Cell levels of every occupied crossbar: uint8 ``[n_crossbars, rows, cols]``.
+
+    Works one row of tiles at a time (small temporaries): tiles that own their crossbars
+    (offset 0) are encoded and stored one bitwidth at a time; tiles packed together with others
+    are placed one by one.
+    """
     spec, pl, tiles = result.spec, result.placement, result.tiles
     cells = np.zeros((pl.n_crossbars, spec.rows, spec.cols), dtype=np.uint8)
     slices = result.slices
-    for t, q in enumerate(tile_levels(result)):
-        enc = encode_tile(q, int(result.bits[t]), spec.encoding, spec.cell_bits, int(slices[t]))
-        ids = pl.crossbar_ids(t)                                   # [slices, polarities]
-        r, c = int(pl.row_off[t]), int(pl.col_off[t])
-        nr, nc = int(tiles.nrows[t]), int(tiles.ncols[t])
-        cells[ids.ravel(), r:r + nr, c:c + nc] = enc.reshape(-1, nr, nc)
+    for _li, _gi, m, grid, first in tiles.matrices():
+        for view, ids in canonical_blocks(m, grid):
+            nr, tr, nc, tc = view.shape
+            packable = tr < spec.rows and tc < spec.cols
+            for i in range(nr):
+                tids = first + ids[i]                                         # [nc]
+                q = result.block_levels(view[i:i + 1], tids[None])[0].transpose(1, 0, 2)   # [nc, tr, tc]
+                if packable:                                                  # each at its own offset
+                    for k, t in enumerate(tids):
+                        enc = encode_tile(q[k], int(result.bits[t]), spec.encoding, spec.cell_bits, int(slices[t]))
+                        r, c = int(pl.row_off[t]), int(pl.col_off[t])
+                        cells[pl.crossbar_ids(t).ravel(), r:r + tr, c:c + tc] = enc.reshape(-1, tr, tc)
+                    continue
+                tb = result.bits[tids]
+                for b in np.unique(tb):
+                    sel = np.flatnonzero(tb == b)
+                    n_sl = int(slices[tids[sel[0]]])
+                    enc = encode_tiles(q[sel], int(b), spec.encoding, spec.cell_bits, n_sl)
+                    xb = pl.set_first[pl.set_of_tile[tids[sel]]][:, None] + np.arange(n_sl * spec.polarities)
+                    cells[xb.reshape(-1), :tr, :tc] = enc.reshape(-1, tr, tc)
     return cells
 
 

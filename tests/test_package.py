@@ -263,3 +263,58 @@ def test_output_sensitivity_finite_deterministic_no_leak():
     y1 = pkg.run([x], "float")[0]
     fresh = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3")
     np.testing.assert_array_equal(y1, fresh.run([x], "float")[0])
+
+
+def test_bias_correction_cancels_mean_shift_on_its_inputs(tmp_path):
+    """With --psq-bias-correction synthetic every PIM layer's mean output shift (quantised minus float
+    weights, same inputs: the synthetic ones the correction was computed from) is cancelled to float
+    precision, including padded convs; float mode is unchanged; the package round-trips."""
+    from psq_tvm.runtime import Session
+    from psq_tvm.targets.pim_psq import SYNTHETIC_SAMPLES, synthetic_feeds
+
+    spec = preset("isaac", rows=32, cols=32)
+    plain = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3")
+    bc = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3", bias_correction="synthetic")
+    assert bc.manifest["search"]["bias_correction"] == "synthetic"
+    assert all(l["bias_correction"] == f"bias_correction_{l['id']}" for l in bc.layers)
+    assert bc.blob("crossbars").tobytes() == plain.blob("crossbars").tobytes()   # same tables, new biases
+    feeds = synthetic_feeds(bc, SYNTHETIC_SAMPLES, 0)
+    for li, lay in enumerate(bc.layers):
+        shift = {"plain": [], "bc": []}
+        for f in feeds:
+            _, tr = bc.run(f, "float", trace=True)
+            lid, x, y = tr[li]
+            for name, pkg in (("plain", plain), ("bc", bc)):
+                with Session(pkg, "fake-quant") as s:
+                    d = s.run_layer(lid, x).astype(np.float64) - y
+                shift[name].append(d.mean(axis=(0, 2, 3)) if d.ndim == 4 else d.reshape(-1, d.shape[-1]).mean(0))
+        before, after = (np.abs(np.mean(shift[k], axis=0)).max() for k in ("plain", "bc"))
+        scale = np.abs(y).max()
+        assert before > 1e-4 * scale, (lay["name"], before)
+        assert after < 1e-5 * scale, (lay["name"], after, before)
+    x = np.random.default_rng(3).standard_normal(bc.manifest["inputs"][0]["shape"]).astype(np.float32)
+    np.testing.assert_array_equal(bc.run([x], "float")[0], plain.run([x], "float")[0])
+    assert not np.array_equal(bc.run([x], "fake-quant")[0], plain.run([x], "fake-quant")[0])
+    for mode in ("sim", "fake-quant"):                    # the crossbar modes add the correction
+        with Session(bc, mode) as s:
+            for lay in bc.layers:
+                want = bc.blob(lay["bias_correction"]) + (0 if lay["bias"] is None else bc.blob(lay["bias"]))
+                np.testing.assert_array_equal(s.bias(lay), want.astype(np.float32))
+    assert not np.array_equal(bc.run([x], "sim")[0], plain.run([x], "sim")[0])
+    p = bc.save(tmp_path / "bc.tar")
+    back = psq_tvm.load(p)
+    assert back.layers[0]["bias_correction"] == bc.layers[0]["bias_correction"]
+    np.testing.assert_array_equal(back.run([x], "fake-quant")[0], bc.run([x], "fake-quant")[0])
+    again = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3", bias_correction="synthetic")
+    for lay in bc.layers:
+        assert bc.blob(lay["bias_correction"]).tobytes() == again.blob(lay["bias_correction"]).tobytes()
+
+
+def test_bias_correction_without_float_weights_and_bad_value():
+    spec = preset("isaac", rows=32, cols=32)
+    pkg = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3", bias_correction="synthetic",
+                          float_weights=False)
+    assert all(l["float_weight"] is None and l["bias_correction"] for l in pkg.layers)
+    assert not any(n.startswith("weight_") for n in pkg.blobs)
+    with pytest.raises(ValueError, match="bias correction"):
+        psq_tvm.compile(small_cnn(), spec=spec, bias_correction="calibration")

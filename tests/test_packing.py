@@ -57,3 +57,32 @@ def test_cells_roundtrip_packed(rng):
             lv = tile_levels(r)
             for t in range(r.tiles.n_tiles):
                 assert np.array_equal(read_tile(cells, r, t), lv[t])
+
+
+def _cells_per_tile(r):
+    """Reference: every tile encoded and placed on its own (the straightforward algorithm)."""
+    from psq_tvm.tables import encode_tile
+    spec, pl, tiles = r.spec, r.placement, r.tiles
+    cells = np.zeros((pl.n_crossbars, spec.rows, spec.cols), dtype=np.uint8)
+    for t, q in enumerate(tile_levels(r)):
+        enc = encode_tile(q, int(r.bits[t]), spec.encoding, spec.cell_bits, int(r.slices[t]))
+        ro, co = int(pl.row_off[t]), int(pl.col_off[t])
+        nr, nc = q.shape
+        cells[pl.crossbar_ids(t).ravel(), ro:ro + nr, co:co + nc] = enc.reshape(-1, nr, nc)
+    return cells
+
+
+def test_cells_blockwise_equal_per_tile_reference(rng):
+    # full tiles of several bitwidths (scaled row blocks), edge tiles, packed tiles, a grouped conv,
+    # dense and conv layouts, per-tile and per-column scales
+    w = rng.normal(size=(700, 300)).astype(np.float32) * np.repeat(rng.uniform(0.01, 10, 6), 117)[:700, None]
+    layers = [Layer("d", w),
+              Layer("c", rng.normal(size=(260, 64, 3, 3)).astype(np.float32), "conv2d"),
+              Layer("g", rng.normal(size=(32, 4, 3, 3)).astype(np.float32), "conv2d", 8)]
+    for enc in ("offset", "differential"):
+        for gran in ("tile", "column"):
+            from psq_tvm import SearchConfig
+            r = psq_search(layers, preset(encoding=enc), budget="avg-bits=5",
+                           config=SearchConfig(objective="mse", granularity=gran))
+            assert len(np.unique(r.bits)) > 1
+            assert np.array_equal(crossbar_cells(r), _cells_per_tile(r))

@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.ir.expr import Call, Constant
 
 from ..crossbar import CrossbarSpec, preset
+from ..importer import const_array
 from ..quant import QuantResult
 from ..search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConfig, psq_search
 from ..tiling import Layer
@@ -63,11 +64,11 @@ def layer_record(func: relax.Function, call: Call, lid: int) -> dict[str, Any]:
     calls = inner_calls(func)
     bias = None
     if "relax.add" in calls:
-        bias = calls["relax.add"].args[1].value.numpy().astype(np.float32).reshape(-1)
+        bias = const_array(calls["relax.add"].args[1]).astype(np.float32).reshape(-1)
     rec: dict[str, Any] = {"id": lid, "name": str(func.attrs[ATTR_NAME]), "pattern": comp}
     if "conv2d" in comp:
         conv = calls["relax.nn.conv2d"]
-        w = conv.args[1].value.numpy().astype(np.float32)
+        w = const_array(conv.args[1]).astype(np.float32, copy=False)
         a = conv.attrs
         g = int(a.groups)
         rec.update(op="conv2d", weight_shape=list(w.shape), groups=g,
@@ -76,7 +77,7 @@ def layer_record(func: relax.Function, call: Call, lid: int) -> dict[str, Any]:
     else:
         mm = calls["relax.matmul"]
         left = comp.endswith("dense_left")
-        w = (mm.args[0] if left else mm.args[1]).value.numpy().astype(np.float32)
+        w = const_array(mm.args[0] if left else mm.args[1]).astype(np.float32, copy=False)
         if left:
             w = np.ascontiguousarray(w.T)   # Y = C @ X  ==  (X^T @ C^T)^T
         rec.update(op="dense", weight_shape=list(w.shape), groups=1, matrix_shape=list(w.shape),

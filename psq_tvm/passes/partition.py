@@ -12,7 +12,7 @@ from tvm.relax.backend.pattern_registry import get_patterns_with_prefix
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..crossbar import CrossbarSpec, preset
-from ..importer import fingerprint, fold_constants_numpy
+from ..importer import const_array, fingerprint, fold_constants_numpy
 from .patterns import PREFIX, WEIGHT_OPS, active_spec, host_reason
 
 ATTR_NAME = "pim_psq.name"
@@ -51,9 +51,9 @@ def weight_of(func: relax.Function) -> Any:
     calls = inner_calls(func)
     comp = str(func.attrs["Composite"])
     if "conv2d" in comp:
-        return calls["relax.nn.conv2d"].args[1].value.numpy()
+        return const_array(calls["relax.nn.conv2d"].args[1])
     mm = calls["relax.matmul"]
-    return (mm.args[0] if comp.endswith("dense_left") else mm.args[1]).value.numpy()
+    return const_array(mm.args[0] if comp.endswith("dense_left") else mm.args[1])
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -142,7 +142,7 @@ class PartitionForPIM:
                     name = None
                     for a in v.args[:2]:
                         if isinstance(a, Constant):
-                            name = self.names.get(fingerprint(a.value.numpy()))
+                            name = self.names.get(fingerprint(const_array(a)))
                     host.append({"name": _unique(name or f"host_{op}_{k}", used), "op": op,
                                  "reason": host_reason(v, self.spec)})
                     k += 1

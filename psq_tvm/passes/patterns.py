@@ -27,6 +27,7 @@ from tvm.relax.dpl.pattern import is_const, is_op, wildcard
 from tvm.relax.transform import PatternCheckContext
 
 from ..crossbar import CrossbarSpec, preset
+from ..importer import const_array
 from ..tiling import WeightError, check_weight, grouped_conv_rule
 
 PREFIX = "pim_psq"
@@ -72,7 +73,7 @@ def conv_reason(call: Call, spec: CrossbarSpec) -> str | None:
         return f"dtype {_dtype(x)}/{_dtype(w)} is not floating point"
     if _shape(call) is None or _shape(x) is None:
         return "dynamic shape (give --input-shapes)"
-    wnp = w.value.numpy()
+    wnp = const_array(w)
     try:
         check_weight("conv2d", wnp)
     except WeightError as e:
@@ -97,7 +98,7 @@ def dense_reason(call: Call, spec: CrossbarSpec, left: bool = False) -> str | No
     if left and len(xs) < 2:
         return "constant-left matmul with a 1-D right operand"
     try:
-        check_weight("matmul", w.value.numpy())
+        check_weight("matmul", const_array(w))
     except WeightError as e:
         return str(e)
     return None

@@ -102,7 +102,10 @@ def tile_entries(result, li: int) -> list[dict[str, Any]]:
     return out
 
 
-SENSITIVITIES = ("none", "synthetic")
+#: where the data-free input statistics come from: seeded N(0,1) inputs run through the float model, or
+#: the model's BatchNorm parameters propagated analytically (psq_tvm.bn_stats)
+SENSITIVITIES = ("none", "synthetic", "bn")
+BIAS_CORRECTIONS = ("none", "synthetic", "bn")
 #: synthetic samples for the data-free input statistics (seeded standard normal in the input space)
 SYNTHETIC_SAMPLES = 32
 
@@ -121,36 +124,116 @@ def synthetic_feeds(pkg, samples: int, seed: int) -> list[list[np.ndarray]] | No
             for _ in range(max(1, -(-samples // batch)))]
 
 
-def synthetic_input_moments(pkg, kind: str = "synthetic", samples: int = SYNTHETIC_SAMPLES,
-                            seed: int = 0) -> list[np.ndarray | None]:
-    """``E[x^2]`` per input channel of every PIM layer, from a float run on seeded N(0, 1) inputs (no data).
+def conv_row_means(x: np.ndarray, layer: Mapping[str, Any]) -> np.ndarray:
+    """Mean of every im2col row of a conv layer's input ``x`` [N, C, H, W] over batch and output
+    positions, padding zeros included: ``[C * kh * kw]`` in the unrolled matrices' row order."""
+    kh, kw = (int(v) for v in layer["weight_shape"][2:])
+    sh, sw = (int(v) for v in layer["strides"])
+    dh, dw = (int(v) for v in layer["dilation"])
+    top, left, bottom, right = (int(v) for v in layer["padding"])
+    ho, wo = (int(v) for v in layer["output_shape"][2:])
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out = np.empty((x.shape[1], kh, kw), dtype=np.float64)
+    for a in range(kh):
+        for b in range(kw):
+            patch = xp[:, :, a * dh:a * dh + sh * (ho - 1) + 1:sh, b * dw:b * dw + sw * (wo - 1) + 1:sw]
+            out[:, a, b] = patch.mean(axis=(0, 2, 3), dtype=np.float64)
+    return out.reshape(-1)
 
-    Only float model inputs can be synthesised; a model with integer inputs (token ids) gets ``None``
-    for every layer (plain per-layer weighting).
+
+def synthetic_input_stats(pkg, samples: int = SYNTHETIC_SAMPLES, seed: int = 0
+                          ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Input statistics of every PIM layer from a float run on seeded N(0, 1) inputs (no data):
+    ``(E[x] per unrolled row, E[x^2] per input channel)``.
+
+    Rows: a dense layer's inputs; for a conv the im2col rows (:func:`conv_row_means`, padding zeros
+    counted, so the bias correction is exact on these inputs).  Only float model inputs can be
+    synthesised; a model with integer inputs (token ids) gets ``None`` for every layer.
     """
-    if kind not in SENSITIVITIES:
-        raise ValueError(f"unknown sensitivity {kind!r}; choose one of {SENSITIVITIES}")
     layers = pkg.manifest["layers"]
     feeds_list = synthetic_feeds(pkg, samples, seed)
     if feeds_list is None:
         return [None] * len(layers)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    by_id = {str(l["id"]): l for l in layers}
+    sums: dict[str, list] = {}
     for feeds in feeds_list:
         _, trace = pkg.run(feeds, "float", trace=True)
         for lid, x, _y in trace:
-            lay = next(l for l in layers if str(l["id"]) == lid)
+            lay = by_id[lid]
             x = np.asarray(x, dtype=np.float64)
             if lay["op"] == "conv2d":
-                s, n = (x ** 2).sum(axis=(0, 2, 3)), x.size // x.shape[1]
+                flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+                row_mean = conv_row_means(x, lay)
             else:
                 if lay.get("operand") == "left" and x.ndim >= 2:
                     x = np.swapaxes(x, -1, -2)
                 flat = x.reshape(-1, x.shape[-1])
-                s, n = (flat ** 2).sum(axis=0), flat.shape[0]
-            sums[lid] = sums.get(lid, 0) + s
-            counts[lid] = counts.get(lid, 0) + n
-    return [sums[str(l["id"])] / counts[str(l["id"])] if str(l["id"]) in sums else None for l in layers]
+                row_mean = flat.mean(axis=0)
+            acc = sums.setdefault(lid, [0.0, 0.0, 0])
+            acc[0] = acc[0] + row_mean
+            acc[1] = acc[1] + np.einsum("ij,ij->j", flat, flat) / flat.shape[0]
+            acc[2] += 1
+    out = []
+    for l in layers:
+        acc = sums.get(str(l["id"]))
+        out.append(None if acc is None else (acc[0] / acc[2], acc[1] / acc[2]))
+    return out
+
+
+def batchnorm_layer_stats(layers: list[dict], bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]]
+                          ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """:func:`psq_tvm.bn_stats.batchnorm_input_stats` per PIM layer (matched by ONNX node name), as
+    ``(E[x] per unrolled row, E[x^2] per input channel)`` like :func:`synthetic_input_stats`.
+
+    Conv row means count the conv's zero padding (:func:`conv_row_means` of the constant-mean image).
+    ``None`` for layers without BatchNorm statistics or whose channel count does not match.
+    """
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for lay in layers:
+        st = bn_stats.get(lay["name"])
+        if lay["op"] == "conv2d":
+            cin = int(lay["weight_shape"][1]) * int(lay["groups"])
+        else:
+            cin = int(lay["matrix_shape"][0])
+        if st is None or st[0].size != cin or lay.get("operand") == "left":
+            out.append(None)
+            continue
+        mean, ms = (np.asarray(v, np.float64) for v in st)
+        if lay["op"] == "conv2d":
+            shape = [int(v) for v in lay["input_shape"]]
+            img = np.broadcast_to(mean.reshape(1, -1, 1, 1), [1, cin] + shape[2:])
+            row_mean = conv_row_means(img, lay)
+        else:
+            row_mean = mean
+        out.append((row_mean, ms))
+    return out
+
+
+def layer_input_stats(pkg, kind: str, bn_stats: Mapping[str, Any] | None = None
+                      ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Data-free input statistics of every PIM layer, from ``kind`` = 'synthetic' or 'bn'."""
+    if kind == "synthetic":
+        return synthetic_input_stats(pkg)
+    if kind == "bn":
+        return batchnorm_layer_stats(pkg.manifest["layers"], bn_stats or {})
+    raise ValueError(f"unknown input statistics {kind!r}; choose 'synthetic' or 'bn'")
+
+
+def synthetic_input_moments(pkg, kind: str = "synthetic", samples: int = SYNTHETIC_SAMPLES,
+                            seed: int = 0) -> list[np.ndarray | None]:
+    """``E[x^2]`` per input channel of every PIM layer (:func:`synthetic_input_stats`), for the sensitivity."""
+    if kind != "synthetic":
+        raise ValueError(f"unknown sensitivity {kind!r} for synthetic moments; use 'synthetic'")
+    return [None if st is None else st[1] for st in synthetic_input_stats(pkg, samples, seed)]
+
+
+def bias_corrections(result, stats: list[tuple[np.ndarray, np.ndarray] | None]) -> list[np.ndarray | None]:
+    """Per PIM layer, the term to add to its bias cancelling the expected output shift ``E[x]^T dW``
+    of the quantised weights in ``result`` (DFQ bias correction), ``E[x]`` from ``stats``
+    (:func:`layer_input_stats`); ``None`` for a layer whose input statistics are unknown."""
+    from ..sensitivity import bias_correction
+
+    return [None if st is None else bias_correction(result, li, st[0]) for li, st in enumerate(stats)]
 
 
 def output_sensitivity(pkg, result, samples: int = 8, seed: int = 0) -> np.ndarray | None:
@@ -200,7 +283,7 @@ def output_sensitivity(pkg, result, samples: int = 8, seed: int = 0) -> np.ndarr
 def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, Any] | str | None = None,
           preset_name: str | None = None, spec: CrossbarSpec | None = None, objective: str = DEFAULT_OBJECTIVE,
           budget: str | None = None, tolerance: float | None = None, bits: Any = None, granularity: str = DEFAULT_GRANULARITY,
-          sensitivity: str = "none",
+          sensitivity: str = "none", bias_correction: str = "none",
           emit_c_header: bool = False, float_weights: bool = True, fold_batchnorm: bool = True,
           progress: Callable[[str], None] | None = None, **spec_overrides: Any):
     """Compile an ONNX model for ``pim-psq`` (or a plain ``llvm`` host build); returns a Package."""
@@ -222,6 +305,10 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
         bits = parse_bits(bits)
     if budget is not None and tolerance is not None:
         raise ValueError("give either --psq-budget or --psq-tolerance, not both")
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"unknown sensitivity {sensitivity!r}; choose one of {SENSITIVITIES}")
+    if bias_correction not in BIAS_CORRECTIONS:
+        raise ValueError(f"unknown bias correction {bias_correction!r}; choose one of {BIAS_CORRECTIONS}")
     register_tag()
     say("importing ONNX model")
     mod, info = import_onnx(model_or_path, input_shapes, batchnorm=fold_batchnorm)
@@ -254,11 +341,11 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
                 blobs[entry["bias"]] = rec["bias_array"].astype(np.float32)
             else:
                 entry["bias"] = None
-            if float_weights:
-                entry["float_weight"] = f"weight_{rec['id']}"
-                blobs[entry["float_weight"]] = np.ascontiguousarray(rec["weight"], dtype=np.float32)
-            else:
-                entry["float_weight"] = None
+            # float weights are needed for the synthetic float run of sensitivity / bias correction;
+            # dropped at the end when not wanted
+            entry["float_weight"] = f"weight_{rec['id']}"
+            blobs[entry["float_weight"]] = np.ascontiguousarray(rec["weight"], dtype=np.float32)
+            entry["bias_correction"] = None
             entry["tiles"] = tile_entries(result, li)
             layers.append(entry)
         tvm_target = tvm.target.Target(TAG)
@@ -276,7 +363,7 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
         "layers": layers, "host_layers": host, "report": report,
         "fold_batchnorm": bool(fold_batchnorm),
         "search": {"objective": objective, "budget": budget, "tolerance": tolerance, "granularity": granularity,
-                   "sensitivity": sensitivity,
+                   "sensitivity": sensitivity, "bias_correction": bias_correction,
                    "bits": list(bits) if bits else None, "note": result.note if result is not None else ""},
         "runtime": {"function": "pim_psq.layer", "modes": ["sim", "fake-quant", "float"]},
     }
@@ -284,11 +371,12 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
               "compile_seconds": time.perf_counter() - t0}
     pkg = Package(manifest, blobs, lib, timing=timing)
     if sensitivity != "none" and result is not None:
-        say("data-free sensitivity: float run on seeded synthetic inputs, then the search again")
+        say(f"data-free sensitivity ({sensitivity} input statistics), then the search again")
         from ..search import SearchConfig, psq_search
         from ..sensitivity import input_weighted_importance
         from ..tables import crossbar_cells
-        imp = input_weighted_importance(result.tiles, synthetic_input_moments(pkg, sensitivity))
+        stats = layer_input_stats(pkg, sensitivity, info["bn_stats"])
+        imp = input_weighted_importance(result.tiles, [None if st is None else st[1] for st in stats])
         result = psq_search(result.tiles.layers, spec, tiles=result.tiles, budget=budget, tolerance=tolerance,
                             bits=bits, config=SearchConfig(objective=objective, granularity=granularity),
                             tile_importance=imp)
@@ -300,7 +388,22 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
         timing["search_seconds"] += float(result.search_seconds)
         timing["compile_seconds"] = time.perf_counter() - t0
         pkg = Package(manifest, blobs, lib, timing=timing)
+    if bias_correction != "none" and result is not None:
+        say(f"data-free bias correction ({bias_correction} input means)")
+        stats = layer_input_stats(pkg, bias_correction, info["bn_stats"])
+        for entry, corr in zip(layers, bias_corrections(result, stats)):
+            if corr is not None:
+                entry["bias_correction"] = f"bias_correction_{entry['id']}"
+                blobs[entry["bias_correction"]] = corr.astype(np.float32)
+    if target == TAG and not float_weights:
+        for entry in layers:
+            blobs.pop(entry["float_weight"])
+            entry["float_weight"] = None
+    if bias_correction != "none" or not float_weights:
+        timing["compile_seconds"] = time.perf_counter() - t0
+        pkg = Package(manifest, blobs, lib, timing=timing)
     pkg.quant_result = result          # in memory only (not stored): the search result behind the tables
+    pkg.bn_stats = info["bn_stats"]    # in memory only: BatchNorm input statistics of the ONNX model
     if emit_c_header:
         from .c_header import c_header
         pkg.members()  # fill in the blob table first

