@@ -17,8 +17,9 @@ def compile(model_or_path: Any, target: str = "pim-psq", *, output: str | os.Pat
     preset name), ``spec`` (a :class:`~psq_tvm.CrossbarSpec`), any CrossbarSpec field
     (``rows=256, adc_bits=None, weight_bits="2-8"``, ...), ``objective`` ('mse' | 'cdf-kl'),
     ``budget`` ('avg-bits=4.5' | 'crossbars=N' | 'reduction=3.5'), ``tolerance``, ``bits``,
-    ``granularity`` ('tile' | 'column'), ``sensitivity`` ('none' | 'synthetic'), ``bias_correction``
-    ('none' | 'synthetic': data-free DFQ bias correction from synthetic input means),
+    ``granularity`` ('tile' | 'column'), ``sensitivity`` ('none' | 'synthetic' | 'bn'), ``bias_correction``
+    ('bn' (default): DFQ bias correction from the model's BatchNorm statistics, a no-op without
+    BatchNorm | 'synthetic': from synthetic input means | 'none'),
     ``emit_c_header``, ``fold_batchnorm`` (fold inference BatchNorm into the preceding conv, default
     True), ``float_weights`` (store the original weights for ``mode="float"``,
     default True), ``progress`` (a callable taking a message).  With ``output`` the package is

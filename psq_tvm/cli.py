@@ -19,6 +19,7 @@ import numpy as np
 
 from .crossbar import DEFAULT_PRESET, PRESETS
 from .search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, GRANULARITIES, OBJECTIVES
+from .sensitivity import BIAS_CORRECTIONS, DEFAULT_BIAS_CORRECTION
 
 _SPEC_HELP = {
     "rows": "wordlines (inputs) per crossbar",
@@ -89,12 +90,13 @@ def _parser() -> argparse.ArgumentParser:
                    "float run on seeded N(0,1) inputs; bn = the same energy from the BatchNorm before each layer "
                    "(the model's own statistics, propagated through ReLU/Clip/Add; layers without one get "
                    "weight 1) (default: none)")
-    c.add_argument("--psq-bias-correction", default="none", choices=["none", "synthetic", "bn"],
+    c.add_argument("--psq-bias-correction", default=DEFAULT_BIAS_CORRECTION, choices=list(BIAS_CORRECTIONS),
                    help="data-free bias correction (DFQ): add -E[x]^T (W_q - W) to each PIM layer's bias, so the "
                    "quantisation error does not shift the expected output; input means E[x] from: synthetic = a "
                    "float run on seeded N(0,1) inputs (float model inputs only); bn = the BatchNorm before each "
                    "layer (layers without one are not corrected). Stored as a separate bias_correction blob, "
-                   "applied in the sim and fake-quant modes (default: none)")
+                   f"applied in the sim and fake-quant modes (default: {DEFAULT_BIAS_CORRECTION}: a no-op for models "
+                   "without BatchNorm; why: README, 'Defaults')")
     c.add_argument("--psq-budget", metavar="KIND=VALUE",
                    help="whole-model budget: avg-bits=4.5, crossbars=N or reduction=3.5 (x fewer crossbars than "
                    "uniform 16-bit); default reduction=4")

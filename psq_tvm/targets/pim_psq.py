@@ -18,6 +18,7 @@ import numpy as np
 
 from ..crossbar import DEFAULT_PRESET, CrossbarSpec, SpecError, parse_bits, preset
 from ..search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE
+from ..sensitivity import BIAS_CORRECTIONS, DEFAULT_BIAS_CORRECTION
 
 TAG = "pim-psq"
 TARGETS = ("pim-psq", "llvm")
@@ -105,7 +106,6 @@ def tile_entries(result, li: int) -> list[dict[str, Any]]:
 #: where the data-free input statistics come from: seeded N(0,1) inputs run through the float model, or
 #: the model's BatchNorm parameters propagated analytically (psq_tvm.bn_stats)
 SENSITIVITIES = ("none", "synthetic", "bn")
-BIAS_CORRECTIONS = ("none", "synthetic", "bn")
 #: synthetic samples for the data-free input statistics (seeded standard normal in the input space)
 SYNTHETIC_SAMPLES = 32
 
@@ -283,7 +283,7 @@ def output_sensitivity(pkg, result, samples: int = 8, seed: int = 0) -> np.ndarr
 def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, Any] | str | None = None,
           preset_name: str | None = None, spec: CrossbarSpec | None = None, objective: str = DEFAULT_OBJECTIVE,
           budget: str | None = None, tolerance: float | None = None, bits: Any = None, granularity: str = DEFAULT_GRANULARITY,
-          sensitivity: str = "none", bias_correction: str = "none",
+          sensitivity: str = "none", bias_correction: str = DEFAULT_BIAS_CORRECTION,
           emit_c_header: bool = False, float_weights: bool = True, fold_batchnorm: bool = True,
           progress: Callable[[str], None] | None = None, **spec_overrides: Any):
     """Compile an ONNX model for ``pim-psq`` (or a plain ``llvm`` host build); returns a Package."""
@@ -389,8 +389,9 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
         timing["compile_seconds"] = time.perf_counter() - t0
         pkg = Package(manifest, blobs, lib, timing=timing)
     if bias_correction != "none" and result is not None:
-        say(f"data-free bias correction ({bias_correction} input means)")
         stats = layer_input_stats(pkg, bias_correction, info["bn_stats"])
+        say(f"data-free bias correction ({bias_correction} input means): "
+            f"{sum(st is not None for st in stats)} of {len(stats)} PIM layers have statistics")
         for entry, corr in zip(layers, bias_corrections(result, stats)):
             if corr is not None:
                 entry["bias_correction"] = f"bias_correction_{entry['id']}"

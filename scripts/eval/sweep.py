@@ -243,6 +243,10 @@ def main(argv=None) -> int:
     wl = W.get_workload(args.workload)
     onnx_path = wl.onnx_path()
     onnx_model = onnx.load(str(onnx_path))
+    # psq-tvm folds BatchNorm into the convs on import, so the PIM weights are the folded ones: evaluate
+    # (float reference included) on the same folding of the model (unchanged for models without BN)
+    from psq_tvm.importer import fold_batchnorm
+    onnx_model = fold_batchnorm(onnx_model)
     n_items = args.items or (1000 if args.quick else None)
     idx = subset_workload(wl, n_items) if n_items else None
     tag = f"{args.workload}_{args.preset}" + ("_quick" if args.quick else (f"_n{n_items}" if idx is not None else ""))
@@ -505,7 +509,9 @@ def write_readme(outdir: Path) -> None:
          "point per tile) and is counted as uniform 4-bit tiles. `rtn8-channel` = one max-abs scale per",
          "output channel of the layer at 8 bits (issue 6's reference; counted as uniform 8-bit tiles).",
          "`psq-<objective>-column` = one scale per tile column (issue 6); `-sens` = tile distortions weighted",
-         "by data-free input statistics (`--psq-sensitivity synthetic`). Tolerance-mode rows are marked `tol=`.", ""]
+         "by data-free input statistics (`--psq-sensitivity synthetic`; `-bnsens`: from the model's BatchNorms,",
+         "`bn`); `-bc` / `-bnbc` = data-free bias correction from synthetic / BatchNorm input means",
+         "(`--psq-bias-correction synthetic|bn`). Tolerance-mode rows are marked `tol=`.", ""]
     reading = outdir / "reading.md"          # hand-written reading of the evidence, kept across re-runs
     if reading.exists():
         L += [reading.read_text().rstrip(), ""]

@@ -24,6 +24,8 @@ Workloads (``WORKLOADS``, in order):
                     OpenCV sample photos), 10 crops each. top-1 accuracy on the 20
                     labelled foolbox images; top-1/top-5 agreement and mean softmax
                     KL against the float outputs on all crops.
+``efficientnet_bn`` the same, exported with its BatchNorms kept (psq-tvm folds them and
+                    uses their statistics: ``--psq-bias-correction bn``).
 ``minilm_lee``      all-MiniLM-L6-v2 (mean pooling inside the exported graph) on the
                     Lee corpus (50 docs, 1,225 human-rated pairs), seq len 160 (the
                     longest doc has 154 tokens: nothing truncated, identical to
