@@ -422,8 +422,8 @@ def _np_eval(call) -> np.ndarray | None:
     if shape is None:
         return None
     dtype = str(call.ty.dtype)
-    # zero-copy views of the constants' TVM buffers (read only here)
-    # (writable views, so that results sharing their memory can be handed back to TVM; not modified)
+    # zero-copy views of the constants' TVM buffers, not modified here (writable, unlike const_array,
+    # so that results sharing their memory, e.g. reshapes, can be handed back to TVM without a copy)
     args = [np.from_dlpack(a.value) if isinstance(a, Constant) else a for a in call.args]
     if op in _NP_UNARY and len(args) == 1 and isinstance(args[0], np.ndarray):
         out = _NP_UNARY[op](args[0])

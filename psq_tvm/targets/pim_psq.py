@@ -141,19 +141,14 @@ def conv_row_means(x: np.ndarray, layer: Mapping[str, Any]) -> np.ndarray:
     return out.reshape(-1)
 
 
-def synthetic_input_stats(pkg, samples: int = SYNTHETIC_SAMPLES, seed: int = 0
-                          ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Input statistics of every PIM layer from a float run on seeded N(0, 1) inputs (no data):
-    ``(E[x] per unrolled row, E[x^2] per input channel)``.
+def float_input_stats(pkg, feeds_list) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Input statistics of every PIM layer from float runs of the package on ``feeds_list``:
+    ``(E[x] per unrolled row, E[x^2] per input channel)``, ``None`` for a layer never reached.
 
     Rows: a dense layer's inputs; for a conv the im2col rows (:func:`conv_row_means`, padding zeros
-    counted, so the bias correction is exact on these inputs).  Only float model inputs can be
-    synthesised; a model with integer inputs (token ids) gets ``None`` for every layer.
+    counted, so a bias correction from these means is exact on these inputs).
     """
     layers = pkg.manifest["layers"]
-    feeds_list = synthetic_feeds(pkg, samples, seed)
-    if feeds_list is None:
-        return [None] * len(layers)
     by_id = {str(l["id"]): l for l in layers}
     sums: dict[str, list] = {}
     for feeds in feeds_list:
@@ -178,6 +173,16 @@ def synthetic_input_stats(pkg, samples: int = SYNTHETIC_SAMPLES, seed: int = 0
         acc = sums.get(str(l["id"]))
         out.append(None if acc is None else (acc[0] / acc[2], acc[1] / acc[2]))
     return out
+
+
+def synthetic_input_stats(pkg, samples: int = SYNTHETIC_SAMPLES, seed: int = 0
+                          ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """:func:`float_input_stats` on seeded N(0, 1) inputs (no data).  Only float model inputs can be
+    synthesised; a model with integer inputs (token ids) gets ``None`` for every layer."""
+    feeds_list = synthetic_feeds(pkg, samples, seed)
+    if feeds_list is None:
+        return [None] * len(pkg.manifest["layers"])
+    return float_input_stats(pkg, feeds_list)
 
 
 def batchnorm_layer_stats(layers: list[dict], bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -219,11 +224,8 @@ def layer_input_stats(pkg, kind: str, bn_stats: Mapping[str, Any] | None = None
     raise ValueError(f"unknown input statistics {kind!r}; choose 'synthetic' or 'bn'")
 
 
-def synthetic_input_moments(pkg, kind: str = "synthetic", samples: int = SYNTHETIC_SAMPLES,
-                            seed: int = 0) -> list[np.ndarray | None]:
+def synthetic_input_moments(pkg, samples: int = SYNTHETIC_SAMPLES, seed: int = 0) -> list[np.ndarray | None]:
     """``E[x^2]`` per input channel of every PIM layer (:func:`synthetic_input_stats`), for the sensitivity."""
-    if kind != "synthetic":
-        raise ValueError(f"unknown sensitivity {kind!r} for synthetic moments; use 'synthetic'")
     return [None if st is None else st[1] for st in synthetic_input_stats(pkg, samples, seed)]
 
 
@@ -370,13 +372,19 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
     timing = {"search_seconds": float(result.search_seconds) if result is not None else 0.0,
               "compile_seconds": time.perf_counter() - t0}
     pkg = Package(manifest, blobs, lib, timing=timing)
+    stats_of: dict[str, list] = {}      # input statistics per kind (a float run, for 'synthetic'): once
+
+    def input_stats(kind: str) -> list:
+        if kind not in stats_of:
+            stats_of[kind] = layer_input_stats(pkg, kind, info["bn_stats"])
+        return stats_of[kind]
+
     if sensitivity != "none" and result is not None:
         say(f"data-free sensitivity ({sensitivity} input statistics), then the search again")
         from ..search import SearchConfig, psq_search
         from ..sensitivity import input_weighted_importance
         from ..tables import crossbar_cells
-        stats = layer_input_stats(pkg, sensitivity, info["bn_stats"])
-        imp = input_weighted_importance(result.tiles, [None if st is None else st[1] for st in stats])
+        imp = input_weighted_importance(result.tiles, [None if st is None else st[1] for st in input_stats(sensitivity)])
         result = psq_search(result.tiles.layers, spec, tiles=result.tiles, budget=budget, tolerance=tolerance,
                             bits=bits, config=SearchConfig(objective=objective, granularity=granularity),
                             tile_importance=imp)
@@ -389,7 +397,7 @@ def build(model_or_path: Any, target: str = TAG, *, input_shapes: Mapping[str, A
         timing["compile_seconds"] = time.perf_counter() - t0
         pkg = Package(manifest, blobs, lib, timing=timing)
     if bias_correction != "none" and result is not None:
-        stats = layer_input_stats(pkg, bias_correction, info["bn_stats"])
+        stats = input_stats(bias_correction)
         say(f"data-free bias correction ({bias_correction} input means): "
             f"{sum(st is not None for st in stats)} of {len(stats)} PIM layers have statistics")
         for entry, corr in zip(layers, bias_corrections(result, stats)):

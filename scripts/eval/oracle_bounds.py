@@ -35,25 +35,6 @@ import sweep as S  # noqa: E402
 import workloads as W  # noqa: E402
 
 
-def measured_input_means(pkg, feeds_list) -> list:
-    """Per PIM layer, (E[x] per unrolled row, None) measured on real inputs (float run)."""
-    from psq_tvm.targets.pim_psq import conv_row_means
-
-    layers = pkg.manifest["layers"]
-    by_id = {str(l["id"]): l for l in layers}
-    sums: dict = {}
-    for feeds in feeds_list:
-        _, trace = pkg.run(feeds, "float", trace=True)
-        for lid, x, _y in trace:
-            lay = by_id[lid]
-            x = np.asarray(x, np.float64)
-            m = conv_row_means(x, lay) if lay["op"] == "conv2d" else x.reshape(-1, x.shape[-1]).mean(0)
-            acc = sums.setdefault(lid, [0.0, 0])
-            acc[0] = acc[0] + m
-            acc[1] += 1
-    return [(sums[str(l["id"])][0] / sums[str(l["id"])][1], None) for l in layers]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="efficientnet")
@@ -64,6 +45,7 @@ def main(argv=None) -> int:
     import onnx
     import psq_tvm
     from psq_tvm import SearchConfig, psq_search
+    from psq_tvm.targets.pim_psq import float_input_stats
 
     t_start = time.perf_counter()
     wl = W.get_workload(args.workload)
@@ -86,7 +68,7 @@ def main(argv=None) -> int:
         if i * wl.batch_size >= args.calib:
             break
         calib.append([x])
-    real = measured_input_means(pkg, calib)
+    real = float_input_stats(pkg, calib)           # measured on real inputs: (E[x] per row, E[x^2])
 
     rows = []
 

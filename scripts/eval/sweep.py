@@ -296,15 +296,13 @@ def main(argv=None) -> int:
     def importance(obj, gran, kind):
         """Per-tile sensitivity weights for a family (computed once per key)."""
         from psq_tvm.sensitivity import input_weighted_importance
-        from psq_tvm.targets.pim_psq import output_sensitivity, synthetic_input_moments
+        from psq_tvm.targets.pim_psq import output_sensitivity
         key = (kind,) if kind in ("sens", "bnsens") else ("osens", obj, gran)
         if key not in _imp_cache:
             t0 = time.perf_counter()
-            if kind == "sens":
-                _imp_cache[key] = input_weighted_importance(tiles, synthetic_input_moments(pkg))
-            elif kind == "bnsens":
-                _imp_cache[key] = input_weighted_importance(
-                    tiles, [None if st is None else st[1] for st in input_stats("bn")])
+            if kind in ("sens", "bnsens"):          # input second moments: synthetic / BatchNorm
+                stats = input_stats("synthetic" if kind == "sens" else "bn")
+                _imp_cache[key] = input_weighted_importance(tiles, [None if st is None else st[1] for st in stats])
             else:
                 probe = psq_tvm.psq_search(tiles.layers, spec, tiles=tiles, budget=OSENS_PROBE,
                                            config=psq_tvm.SearchConfig(objective=obj, granularity=gran))
