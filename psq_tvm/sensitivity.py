@@ -91,9 +91,12 @@ def bias_correction(result: QuantResult, layer: int, channel_mean: np.ndarray) -
 
     ``channel_mean`` is ``E[x]`` per input channel, or for a conv per im2col row (exact with padding).
     """
-    lay = result.tiles.layers[layer]
+    return weight_bias_correction(result.tiles.layers[layer], result.dequantized(layer), channel_mean)
+
+
+def weight_bias_correction(lay: Layer, deq: np.ndarray, channel_mean: np.ndarray) -> np.ndarray:
+    """:func:`bias_correction` for any fake-quantised weight ``deq`` of ``lay`` (the layer's own shape)."""
     rows = row_statistic(lay, channel_mean)
-    deq = result.dequantized(layer)
     dq_mats = unroll(deq, lay.kind, lay.groups)
     return -np.concatenate([r @ (q.astype(np.float64) - m.astype(np.float64))
                             for r, q, m in zip(rows, dq_mats, lay.matrices)]).astype(np.float32)

@@ -111,6 +111,49 @@ def psq(tiles: ModelTiles, spec, objective: str = "mse", granularity: str = "til
     return res
 
 
+def gptq(qr, covariances: list, damp: float = 0.01) -> MethodResult:
+    """GPTQ rounding (Frantar et al., ICLR 2023) on the scales and bitwidths of a PSQ result ``qr``.
+
+    The rows (inputs) of every unrolled matrix are rounded in order with the tile's levels; each
+    row's rounding error is compensated on the rows not yet rounded through the inverse input
+    second-moment matrix ``covariances[li] = E[x x^T]`` (``None``: plain rounding).  Same tiles,
+    bitwidths and scales, so the same crossbars.  Needs input statistics with cross terms, i.e.
+    data: used by ``oracle_bounds.py`` as a bound on what better rounding can recover.
+    """
+    from psq_tvm.quant import quantize_levels
+
+    t0 = time.perf_counter()
+    tiles = qr.tiles
+    ws = [qr.dequantized(li) for li in range(len(tiles.layers))]
+    for li, _gi, m, grid, first in tiles.matrices():
+        lay = tiles.layers[li]
+        if covariances[li] is None or lay.groups != 1:
+            continue
+        K = m.shape[0]
+        scale = empty_like_layout(m, np.float64)
+        bits = empty_like_layout(m, np.int64)
+        for (view, ids), (sv, _), (bv, _) in zip(canonical_blocks(m, grid), canonical_blocks(scale, grid),
+                                                 canonical_blocks(bits, grid)):
+            sv[...] = np.broadcast_to(qr._scale_view(first + ids, view.shape[3]), view.shape)
+            bv[...] = np.broadcast_to(qr.bits[first + ids][:, None, :, None], view.shape)
+        H = np.array(covariances[li], dtype=np.float64)
+        dead = np.diag(H) <= 0
+        H[dead, dead] = 1.0                                   # inputs that are always 0: any value
+        H[np.diag_indices(K)] += damp * np.mean(np.diag(H))
+        U = np.linalg.cholesky(np.linalg.inv(H)).T             # upper factor of H^-1
+        w = np.array(m, dtype=np.float64)
+        q = np.empty_like(w)
+        for i in range(K):
+            q[i] = quantize_levels(w[i], scale[i], bits[i]) * scale[i]
+            err = (w[i] - q[i]) / U[i, i]
+            w[i + 1:] -= np.outer(U[i, i + 1:], err)
+        ws[li] = roll([q], lay.kind, lay.weight.shape, lay.groups).astype(np.float32)
+    dt = time.perf_counter() - t0
+    return MethodResult(f"gptq {qr.note}", "gptq", ws, int(qr.crossbars), float(qr.avg_bits),
+                        float(qr.search_seconds) + dt, {"damp": damp}, note="GPTQ rounding on PSQ scales/bits",
+                        scale_values=int(qr.scale_storage()))
+
+
 def _blockwise_apply(tiles: ModelTiles, fn: Callable[[np.ndarray], np.ndarray]) -> list:
     per_layer: dict[int, list] = {}
     for li, _, m, grid, _first in tiles.matrices():

@@ -2,8 +2,9 @@
 """Upper bounds that use the evaluation data (NOT data-free): what limits EfficientNet at 3.5x?
 
     .venv/bin/python scripts/eval/oracle_bounds.py [--workload efficientnet] [--calib 64]
+    .venv/bin/python scripts/eval/oracle_bounds.py --workload efficientnet_bn --ablation efficientnet
 
-Separates the two things a data-free method has to estimate, by giving each one the real answer:
+Separates the things a data-free method has to get right, by giving each one the real answer:
 
 * **allocation**: the whole-model budget with each layer's real sensitivity, i.e. mean softmax KL
   on the evaluation photos per unit of relative weight error when only that layer is quantised
@@ -11,6 +12,11 @@ Separates the two things a data-free method has to estimate, by giving each one 
   per-tile importance of PSQ mse per column;
 * **bias correction**: the DFQ correction with every PIM layer's input mean measured on the first
   ``--calib`` evaluation items (float run) instead of estimated without data;
+* **rounding**: GPTQ (error-compensating rounding) on the data-free allocation's own scales and
+  bitwidths, with every PIM layer's input second-moment matrix ``E[x x^T]`` measured on the same
+  ``--calib`` items, plus the measured-mean bias correction: how much of the remaining loss
+  better rounding could recover if it knew the input correlations (data-free statistics give
+  only the diagonal, for which error-compensating rounding reduces to round-to-nearest);
 * and, for scale, uniform bitwidths with per-column mse scales (no allocation at all).
 
 Everything else is the sweep's machinery (same tiles, packer, cache and metrics).  Writes
@@ -35,10 +41,42 @@ import sweep as S  # noqa: E402
 import workloads as W  # noqa: E402
 
 
+def input_covariances(pkg, feeds_list) -> list:
+    """``E[x x^T]`` over the unrolled rows of every PIM layer (groups == 1) from float runs of the package;
+    ``None`` for grouped convs and layers never reached."""
+    from psq_tvm.runtime import im2col
+
+    layers = pkg.manifest["layers"]
+    by_id = {str(l["id"]): l for l in layers}
+    acc: dict = {}
+    for feeds in feeds_list:
+        _, trace = pkg.run(feeds, "float", trace=True)
+        for lid, x, _y in trace:
+            lay = by_id[lid]
+            x = np.asarray(x, dtype=np.float64)
+            if lay["op"] == "conv2d":
+                if int(lay["groups"]) != 1:
+                    continue
+                kh, kw = (int(v) for v in lay["weight_shape"][2:])
+                cols = im2col(x, kh, kw, lay["strides"], lay["padding"], lay["dilation"])
+                flat = cols.reshape(-1, x.shape[1] * kh * kw)
+            else:
+                if lay.get("operand") == "left" and x.ndim >= 2:
+                    x = np.swapaxes(x, -1, -2)
+                flat = x.reshape(-1, x.shape[-1])
+            a = acc.setdefault(lid, [0.0, 0])
+            a[0] = a[0] + flat.T @ flat
+            a[1] += flat.shape[0]
+    return [None if str(l["id"]) not in acc else acc[str(l["id"])][0] / acc[str(l["id"])][1] for l in layers]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="efficientnet")
     ap.add_argument("--calib", type=int, default=64, help="evaluation items whose layer input means are measured")
+    ap.add_argument("--ablation", default=None,
+                    help="workload whose layer ablation JSON gives the real sensitivities (default: --workload; "
+                    "efficientnet_bn has the same PIM layers as efficientnet)")
     ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
     args = ap.parse_args(argv)
 
@@ -50,7 +88,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     wl = W.get_workload(args.workload)
     onnx_path = wl.onnx_path()
-    model = onnx.load(str(onnx_path))
+    from psq_tvm.importer import fold_batchnorm
+    model = fold_batchnorm(onnx.load(str(onnx_path)))       # as the sweep evaluates it (no-op without BN)
     pkg = psq_tvm.compile(str(onnx_path), target="pim-psq", preset="isaac",
                           input_shapes={k: list(v) for k, v in wl.input_shapes.items()})
     tiles, spec = pkg.quant_result.tiles, pkg.quant_result.spec
@@ -58,7 +97,7 @@ def main(argv=None) -> int:
     cache = S.SWEEP_CACHE / f"{args.workload}_isaac"
     cache.mkdir(parents=True, exist_ok=True)
     ref = np.load(cache / "float.npz")["out"] if (cache / "float.npz").exists() else wl._concat(wl.run_tvm(model))
-    abl = json.loads((Path(args.out) / f"{args.workload}_layer_ablation.json").read_text())
+    abl = json.loads((Path(args.out) / f"{args.ablation or args.workload}_layer_ablation.json").read_text())
     if [r["layer"] for r in abl["rows"]] != [l.name for l in tiles.layers]:
         raise SystemExit("oracle_bounds: the layer ablation JSON was made for other PIM layers; re-run layer_ablation.py")
     sens = np.array([r["kl_mean"] / r["rel_weight_error"] ** 2 for r in abl["rows"]])
@@ -69,6 +108,11 @@ def main(argv=None) -> int:
             break
         calib.append([x])
     real = float_input_stats(pkg, calib)           # measured on real inputs: (E[x] per row, E[x^2])
+    covs = input_covariances(pkg, calib)           # E[x x^T] per PIM layer, measured on the same inputs
+    from psq_tvm.targets.pim_psq import layer_input_stats
+    from psq_tvm.sensitivity import input_weighted_importance, weight_bias_correction
+    bn = layer_input_stats(pkg, "bn", pkg.bn_stats)
+    has_bn = any(st is not None for st in bn)
 
     rows = []
 
@@ -86,6 +130,20 @@ def main(argv=None) -> int:
         r = M.psq(tiles, spec, "mse", "column", budget=b, bias_stats=real, bc="synthetic")
         r.name, r.family = f"psq-mse-column-realbc {b}", "psq-mse-column-realbc"
         record(r, f"bias correction with input means measured on {args.calib} evaluation items")
+        # the best data-free family of this workload (BatchNorm statistics if the model has them),
+        # then GPTQ rounding with the measured input correlations on its scales and bitwidths
+        imp = input_weighted_importance(tiles, [None if st is None else st[1] for st in bn]) if has_bn else None
+        fam = "mse-column-bnsens-bnbc" if has_bn else "mse-column"
+        r = M.psq(tiles, spec, "mse", "column", budget=b, importance=imp, sens="bnsens" if has_bn else None,
+                  bias_stats=bn if has_bn else None, bc="bn")
+        record(r, f"data-free: psq-{fam} (the reference for the next row)")
+        g = M.gptq(psq_search(tiles.layers, spec, tiles=tiles, budget=b, tile_importance=imp,
+                              config=SearchConfig(objective="mse", granularity="column")), covs)
+        g.name, g.family = f"psq-{fam}+gptq-realbc {b}", f"psq-{fam}+gptq-realbc"
+        g.bias_deltas = [None if st is None else weight_bias_correction(lay, w, st[0])
+                         for lay, w, st in zip(tiles.layers, g.weights, real)]
+        record(g, f"GPTQ rounding with E[x x^T] and bias correction with E[x], both measured on {args.calib} "
+               "evaluation items, on the scales/bitwidths of the row above")
     for bits in (4, 6, 8):
         qr = psq_search(tiles.layers, spec, tiles=tiles, bits=(bits,), tolerance=1e9,
                         config=SearchConfig(objective="mse", granularity="column"))
