@@ -17,6 +17,7 @@ Separates the things a data-free method has to get right, by giving each one the
   ``--calib`` items, plus the measured-mean bias correction: how much of the remaining loss
   better rounding could recover if it knew the input correlations (data-free statistics give
   only the diagonal, for which error-compensating rounding reduces to round-to-nearest);
+  the same rounding with the correlations of seeded N(0,1) inputs instead is data-free;
 * and, for scale, uniform bitwidths with per-column mse scales (no allocation at all).
 
 Everything else is the sweep's machinery (same tiles, packer, cache and metrics).  Writes
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
         calib.append([x])
     real = float_input_stats(pkg, calib)           # measured on real inputs: (E[x] per row, E[x^2])
     covs = input_covariances(pkg, calib)           # E[x x^T] per PIM layer, measured on the same inputs
+    from psq_tvm.targets.pim_psq import synthetic_feeds
+    syn_covs = input_covariances(pkg, synthetic_feeds(pkg, args.calib, 0))   # the same from N(0,1) inputs
     from psq_tvm.targets.pim_psq import layer_input_stats
     from psq_tvm.sensitivity import input_weighted_importance, weight_bias_correction
     bn = layer_input_stats(pkg, "bn", pkg.bn_stats)
@@ -144,6 +147,15 @@ def main(argv=None) -> int:
                          for lay, w, st in zip(tiles.layers, g.weights, real)]
         record(g, f"GPTQ rounding with E[x x^T] and bias correction with E[x], both measured on {args.calib} "
                "evaluation items, on the scales/bitwidths of the row above")
+        # the data-free version: correlations from seeded N(0,1) inputs through the float model
+        g = M.gptq(psq_search(tiles.layers, spec, tiles=tiles, budget=b, tile_importance=imp,
+                              config=SearchConfig(objective="mse", granularity="column")), syn_covs)
+        bc_stats = bn if has_bn else layer_input_stats(pkg, "synthetic")
+        g.name, g.family = f"psq-{fam}+gptq-synthetic {b}", f"psq-{fam}+gptq-synthetic"
+        g.bias_deltas = [None if st is None else weight_bias_correction(lay, w, st[0])
+                         for lay, w, st in zip(tiles.layers, g.weights, bc_stats)]
+        record(g, f"data-free: GPTQ rounding with E[x x^T] from {args.calib} seeded N(0,1) inputs, bias correction "
+               f"from {'BatchNorm' if has_bn else 'synthetic'} means, on the scales/bitwidths of the data-free row")
     for bits in (4, 6, 8):
         qr = psq_search(tiles.layers, spec, tiles=tiles, bits=(bits,), tolerance=1e9,
                         config=SearchConfig(objective="mse", granularity="column"))
