@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""End to end: compile a workload with ``tvmc compile --target pim-psq`` and run the package.
+
+    .venv/bin/python scripts/eval/end_to_end.py efficientnet_bn -- --psq-budget reduction=2.5 \\
+        --psq-granularity column --psq-objective mse --psq-sensitivity bn
+
+Everything after ``--`` goes to ``tvmc compile`` unchanged (the user's command line).  The package is
+then run in ``fake-quant`` mode (crossbar weights, float activations: what the sweep's weight-only rows
+measure) and in ``float`` mode (the original weights, the reference) over the whole workload, and the
+workload's metrics are printed next to the sweep's row for the same search settings, if there is one.
+This checks that the toolchain delivers the evaluation's numbers, not only the evaluation harness.
+Appends its result to ``docs/results/<workload>_end_to_end.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import sweep as S  # noqa: E402
+import workloads as W  # noqa: E402
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tvmc_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("workload")
+    ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
+    args = ap.parse_args(own)
+
+    import psq_tvm
+
+    wl = W.get_workload(args.workload)
+    onnx_path = wl.onnx_path()
+    shapes = " ".join(f"{k}:[{','.join(str(d) for d in v)}]" for k, v in wl.input_shapes.items())
+    tvmc = Path(sys.executable).with_name("tvmc")
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg_path = Path(tmp) / "model.tar"
+        cmd = [str(tvmc), "compile", "--target", "pim-psq", str(onnx_path), "--input-shapes", shapes,
+               "-o", str(pkg_path)] + tvmc_args
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        compile_s = time.perf_counter() - t0
+        pkg = psq_tvm.load(str(pkg_path))
+    X = np.concatenate([wl.feed(x)[wl.input_name] for x, _ in wl.batches()])[: wl.num_items]
+    outs = {}
+    for mode in ("float", "fake-quant"):
+        t0 = time.perf_counter()
+        outs[mode] = pkg.run_batched(X, mode=mode)
+        S.log(f"{mode}: {len(X)} items in {time.perf_counter() - t0:.0f} s")
+    m = wl.metrics([outs["fake-quant"]], reference=outs["float"])
+    report = pkg.report
+    search = pkg.manifest["search"]
+    row = {"tvmc_args": tvmc_args, "crossbars": report.get("crossbars", {}).get("psq"),
+           "reduction_vs_u16": report.get("reduction_vs_uniform16"), "compile_seconds": round(compile_s, 1),
+           "search": {k: search.get(k) for k in ("objective", "granularity", "budget", "sensitivity",
+                                                 "bias_correction") if k in search},
+           "metrics": m}
+    S.log(f"package: {row['crossbars']} crossbars ({row['reduction_vs_u16']:.2f}x), "
+          f"{wl.primary_metric} {m[wl.primary_metric]:.4f}, kl {m.get('kl_mean', float('nan')):.4f}")
+    # the sweep's row with the same settings, for comparison
+    jf = Path(args.out) / f"{args.workload}_isaac.json"
+    if jf.exists() and search.get("budget"):
+        fam = (f"psq-{search.get('objective')}" + ("-column" if search.get("granularity") == "column" else "")
+               + ({"bn": "-bnsens", "synthetic": "-sens"}.get(search.get("sensitivity"), ""))
+               + ({"bn": "-bnbc", "synthetic": "-bc"}.get(search.get("bias_correction"), "")))
+        name = f"{fam} {search['budget']}"
+        sw = next((r for r in json.loads(jf.read_text())["rows"] if r["method"] == name), None)
+        if sw is not None:
+            row["sweep_row"] = {"method": name, "crossbars": sw["crossbars"], "metrics": sw["metrics"]}
+            S.log(f"sweep row {name}: {sw['crossbars']} crossbars, {wl.primary_metric} "
+                  f"{sw['metrics'][wl.primary_metric]:.4f}, kl {sw['metrics'].get('kl_mean', float('nan')):.4f}")
+    p = Path(args.out) / f"{args.workload}_end_to_end.json"
+    data = json.loads(p.read_text()) if p.exists() else {"workload": args.workload, "items": wl.num_items, "rows": []}
+    data["rows"] = [r for r in data["rows"] if r["tvmc_args"] != tvmc_args] + [row]
+    W.write_json(p, data)
+    S.log(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
