@@ -12,7 +12,7 @@ import dataclasses
 import os
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -141,6 +141,20 @@ def conv_row_means(x: np.ndarray, layer: Mapping[str, Any]) -> np.ndarray:
     return out.reshape(-1)
 
 
+def traced_layer_inputs(pkg, feeds_list) -> Iterator[tuple[str, dict, np.ndarray]]:
+    """``(layer id, manifest layer, input as float64)`` of every PIM layer call in float runs of the
+    package on ``feeds_list``; a constant-left matmul's input is given with its inputs last (``[..., K]``)."""
+    by_id = {str(l["id"]): l for l in pkg.manifest["layers"]}
+    for feeds in feeds_list:
+        _, trace = pkg.run(feeds, "float", trace=True)
+        for lid, x, _y in trace:
+            lay = by_id[lid]
+            x = np.asarray(x, dtype=np.float64)
+            if lay["op"] != "conv2d" and lay.get("operand") == "left" and x.ndim >= 2:
+                x = np.swapaxes(x, -1, -2)
+            yield lid, lay, x
+
+
 def float_input_stats(pkg, feeds_list) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Input statistics of every PIM layer from float runs of the package on ``feeds_list``:
     ``(E[x] per unrolled row, E[x^2] per input channel)``, ``None`` for a layer never reached.
@@ -149,25 +163,18 @@ def float_input_stats(pkg, feeds_list) -> list[tuple[np.ndarray, np.ndarray] | N
     counted, so a bias correction from these means is exact on these inputs).
     """
     layers = pkg.manifest["layers"]
-    by_id = {str(l["id"]): l for l in layers}
     sums: dict[str, list] = {}
-    for feeds in feeds_list:
-        _, trace = pkg.run(feeds, "float", trace=True)
-        for lid, x, _y in trace:
-            lay = by_id[lid]
-            x = np.asarray(x, dtype=np.float64)
-            if lay["op"] == "conv2d":
-                flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
-                row_mean = conv_row_means(x, lay)
-            else:
-                if lay.get("operand") == "left" and x.ndim >= 2:
-                    x = np.swapaxes(x, -1, -2)
-                flat = x.reshape(-1, x.shape[-1])
-                row_mean = flat.mean(axis=0)
-            acc = sums.setdefault(lid, [0.0, 0.0, 0])
-            acc[0] = acc[0] + row_mean
-            acc[1] = acc[1] + np.einsum("ij,ij->j", flat, flat) / flat.shape[0]
-            acc[2] += 1
+    for lid, lay, x in traced_layer_inputs(pkg, feeds_list):
+        if lay["op"] == "conv2d":
+            flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+            row_mean = conv_row_means(x, lay)
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            row_mean = flat.mean(axis=0)
+        acc = sums.setdefault(lid, [0.0, 0.0, 0])
+        acc[0] = acc[0] + row_mean
+        acc[1] = acc[1] + np.einsum("ij,ij->j", flat, flat) / flat.shape[0]
+        acc[2] += 1
     out = []
     for l in layers:
         acc = sums.get(str(l["id"]))

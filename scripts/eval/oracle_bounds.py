@@ -46,28 +46,21 @@ def input_covariances(pkg, feeds_list) -> list:
     """``E[x x^T]`` over the unrolled rows of every PIM layer (groups == 1) from float runs of the package;
     ``None`` for grouped convs and layers never reached."""
     from psq_tvm.runtime import im2col
+    from psq_tvm.targets.pim_psq import traced_layer_inputs
 
-    layers = pkg.manifest["layers"]
-    by_id = {str(l["id"]): l for l in layers}
     acc: dict = {}
-    for feeds in feeds_list:
-        _, trace = pkg.run(feeds, "float", trace=True)
-        for lid, x, _y in trace:
-            lay = by_id[lid]
-            x = np.asarray(x, dtype=np.float64)
-            if lay["op"] == "conv2d":
-                if int(lay["groups"]) != 1:
-                    continue
-                kh, kw = (int(v) for v in lay["weight_shape"][2:])
-                cols = im2col(x, kh, kw, lay["strides"], lay["padding"], lay["dilation"])
-                flat = cols.reshape(-1, x.shape[1] * kh * kw)
-            else:
-                if lay.get("operand") == "left" and x.ndim >= 2:
-                    x = np.swapaxes(x, -1, -2)
-                flat = x.reshape(-1, x.shape[-1])
-            a = acc.setdefault(lid, [0.0, 0])
-            a[0] = a[0] + flat.T @ flat
-            a[1] += flat.shape[0]
+    for lid, lay, x in traced_layer_inputs(pkg, feeds_list):
+        if lay["op"] == "conv2d":
+            if int(lay["groups"]) != 1:
+                continue
+            kh, kw = (int(v) for v in lay["weight_shape"][2:])
+            flat = im2col(x, kh, kw, lay["strides"], lay["padding"], lay["dilation"]).reshape(-1, x.shape[1] * kh * kw)
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+        a = acc.setdefault(lid, [0.0, 0])
+        a[0] = a[0] + flat.T @ flat
+        a[1] += flat.shape[0]
+    layers = pkg.manifest["layers"]
     return [None if str(l["id"]) not in acc else acc[str(l["id"])][0] / acc[str(l["id"])][1] for l in layers]
 
 
