@@ -5,9 +5,10 @@
         --psq-granularity column --psq-objective mse --psq-sensitivity bn
 
 Everything after ``--`` goes to ``tvmc compile`` unchanged (the user's command line).  The package is
-then run in ``fake-quant`` mode (crossbar weights, float activations: what the sweep's weight-only rows
-measure) and in ``float`` mode (the original weights, the reference) over the whole workload, and the
-workload's metrics are printed next to the sweep's row for the same search settings, if there is one.
+then run over the whole workload in ``float`` mode (the original weights, the reference), in
+``fake-quant`` mode (crossbar weights, float activations: what the sweep's weight-only rows measure;
+printed next to the sweep's row for the same search settings, if there is one) and in ``sim`` mode
+(the crossbar simulator: the preset's activation bits, DAC and ADC).
 This checks that the toolchain delivers the evaluation's numbers, not only the evaluation harness.
 Appends its result to ``docs/results/<workload>_end_to_end.json``.
 """
@@ -56,21 +57,27 @@ def main(argv=None) -> int:
         compile_s = time.perf_counter() - t0
         pkg = psq_tvm.load(str(pkg_path))
     X = np.concatenate([wl.feed(x)[wl.input_name] for x, _ in wl.batches()])[: wl.num_items]
+    from psq_tvm.simulator import SimOptions
+
     outs = {}
-    for mode in ("float", "fake-quant"):
+    for mode in ("float", "fake-quant", "sim"):
         t0 = time.perf_counter()
-        outs[mode] = pkg.run_batched(X, mode=mode)
+        outs[mode] = pkg.run_batched(X, mode=mode, sim_options=SimOptions(seed=0) if mode == "sim" else None)
         S.log(f"{mode}: {len(X)} items in {time.perf_counter() - t0:.0f} s")
     m = wl.metrics([outs["fake-quant"]], reference=outs["float"])
+    m_sim = wl.metrics([outs["sim"]], reference=outs["float"])
     report = pkg.report
     search = pkg.manifest["search"]
     row = {"tvmc_args": tvmc_args, "crossbars": report.get("crossbars", {}).get("psq"),
            "reduction_vs_u16": report.get("reduction_vs_uniform16"), "compile_seconds": round(compile_s, 1),
            "search": {k: search.get(k) for k in ("objective", "granularity", "budget", "sensitivity",
                                                  "bias_correction") if k in search},
-           "metrics": m}
+           "metrics": m, "sim": {"act_bits": pkg.manifest["spec"]["act_bits"], "adc_bits": pkg.manifest["spec"]["adc_bits"],
+                                  "metrics": m_sim}}
     S.log(f"package: {row['crossbars']} crossbars ({row['reduction_vs_u16']:.2f}x), "
-          f"{wl.primary_metric} {m[wl.primary_metric]:.4f}, kl {m.get('kl_mean', float('nan')):.4f}")
+          f"{wl.primary_metric} {m[wl.primary_metric]:.4f}, kl {m.get('kl_mean', float('nan')):.4f}; "
+          f"full simulator ({row['sim']['act_bits']}-bit activations, {row['sim']['adc_bits']}-bit ADC): "
+          f"{m_sim[wl.primary_metric]:.4f}, kl {m_sim.get('kl_mean', float('nan')):.4f}")
     # the sweep's row with the same settings, for comparison
     jf = Path(args.out) / f"{args.workload}_isaac.json"
     if jf.exists() and search.get("budget"):
