@@ -45,7 +45,6 @@ def test_correlated_inputs_reduce_output_error_on_the_same_grid(rng):
     for li, lay in enumerate(tiles.layers):
         # every weight is still a level of its tile's grid: same scale and bitwidth per column
         w = unroll(g.weights[li], lay.kind, lay.groups)[0]
-        ref = unroll(qr.dequantized(li), lay.kind, lay.groups)[0]
         for t in tiles.layer_tiles(li):
             r0, c0, nr, nc = (int(v[t]) for v in (tiles.row0, tiles.col0, tiles.nrows, tiles.ncols))
             s = qr.scales[t][:nc]

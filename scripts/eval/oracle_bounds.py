@@ -77,12 +77,13 @@ def main(argv=None) -> int:
     import onnx
     import psq_tvm
     from psq_tvm import SearchConfig, psq_search
-    from psq_tvm.targets.pim_psq import float_input_stats
+    from psq_tvm.importer import fold_batchnorm
+    from psq_tvm.sensitivity import input_weighted_importance, weight_bias_correction
+    from psq_tvm.targets.pim_psq import float_input_stats, layer_input_stats, synthetic_feeds
 
     t_start = time.perf_counter()
     wl = W.get_workload(args.workload)
     onnx_path = wl.onnx_path()
-    from psq_tvm.importer import fold_batchnorm
     model = fold_batchnorm(onnx.load(str(onnx_path)))       # as the sweep evaluates it (no-op without BN)
     pkg = psq_tvm.compile(str(onnx_path), target="pim-psq", preset="isaac",
                           input_shapes={k: list(v) for k, v in wl.input_shapes.items()})
@@ -103,12 +104,12 @@ def main(argv=None) -> int:
         calib.append([x])
     real = float_input_stats(pkg, calib)           # measured on real inputs: (E[x] per row, E[x^2])
     covs = input_covariances(pkg, calib)           # E[x x^T] per PIM layer, measured on the same inputs
-    from psq_tvm.targets.pim_psq import synthetic_feeds
     syn_covs = input_covariances(pkg, synthetic_feeds(pkg, args.calib, 0))   # the same from N(0,1) inputs
-    from psq_tvm.targets.pim_psq import layer_input_stats
-    from psq_tvm.sensitivity import input_weighted_importance, weight_bias_correction
     bn = layer_input_stats(pkg, "bn", pkg.bn_stats)
     has_bn = any(st is not None for st in bn)
+    imp = input_weighted_importance(tiles, [None if st is None else st[1] for st in bn]) if has_bn else None
+    fam = "mse-column-bnsens-bnbc" if has_bn else "mse-column"
+    bc_stats = bn if has_bn else layer_input_stats(pkg, "synthetic")   # the data-free GPTQ row's bias correction
 
     rows = []
 
@@ -128,22 +129,19 @@ def main(argv=None) -> int:
         record(r, f"bias correction with input means measured on {args.calib} evaluation items")
         # the best data-free family of this workload (BatchNorm statistics if the model has them),
         # then GPTQ rounding with the measured input correlations on its scales and bitwidths
-        imp = input_weighted_importance(tiles, [None if st is None else st[1] for st in bn]) if has_bn else None
-        fam = "mse-column-bnsens-bnbc" if has_bn else "mse-column"
         r = M.psq(tiles, spec, "mse", "column", budget=b, importance=imp, sens="bnsens" if has_bn else None,
                   bias_stats=bn if has_bn else None, bc="bn")
         record(r, f"data-free: psq-{fam} (the reference for the next row)")
-        g = M.gptq(psq_search(tiles.layers, spec, tiles=tiles, budget=b, tile_importance=imp,
-                              config=SearchConfig(objective="mse", granularity="column")), covs)
+        data_free = psq_search(tiles.layers, spec, tiles=tiles, budget=b, tile_importance=imp,
+                               config=SearchConfig(objective="mse", granularity="column"))
+        g = M.gptq(data_free, covs)
         g.name, g.family = f"psq-{fam}+gptq-realbc {b}", f"psq-{fam}+gptq-realbc"
         g.bias_deltas = [None if st is None else weight_bias_correction(lay, w, st[0])
                          for lay, w, st in zip(tiles.layers, g.weights, real)]
         record(g, f"GPTQ rounding with E[x x^T] and bias correction with E[x], both measured on {args.calib} "
                "evaluation items, on the scales/bitwidths of the row above")
         # the data-free version: correlations from seeded N(0,1) inputs through the float model
-        g = M.gptq(psq_search(tiles.layers, spec, tiles=tiles, budget=b, tile_importance=imp,
-                              config=SearchConfig(objective="mse", granularity="column")), syn_covs)
-        bc_stats = bn if has_bn else layer_input_stats(pkg, "synthetic")
+        g = M.gptq(data_free, syn_covs)
         g.name, g.family = f"psq-{fam}+gptq-synthetic {b}", f"psq-{fam}+gptq-synthetic"
         g.bias_deltas = [None if st is None else weight_bias_correction(lay, w, st[0])
                          for lay, w, st in zip(tiles.layers, g.weights, bc_stats)]
