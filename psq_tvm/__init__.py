@@ -1,27 +1,42 @@
 """psq-tvm: PSQ data-free per-tile quantisation for crossbar PIM accelerators, on Apache TVM.
 
-The numpy core (crossbar model, tiling, search, packing) imports no TVM;
-``psq_tvm.passes`` and ``psq_tvm.targets`` build on it.
+The layers, one direction of imports (``docs/architecture.md``)::
+
+    core      numpy only: crossbar model, tiling, candidates, search, allocation, packing, tables, report
+    frontend  ONNX import, computed-shape folding, BatchNorm statistics             (core)
+    passes    Relax passes: PartitionForPIM, AnnotatePSQ, LowerToPIM                 (core, frontend)
+    runtime   package, session, crossbar simulator, verification                    (core)
+    targets   the pim-psq target: tag, options, compile pipeline of named stages   (all of the above)
+    api, cli  psq_tvm.compile / psq_tvm.load, the ``tvmc`` command                  (targets, runtime)
+
+``import psq_tvm`` loads the numpy core only; the TVM layers load on first use
+(``psq_tvm.compile``, ``psq_tvm.passes``, ...).  The ``pim-psq`` target tag is registered when
+``psq_tvm.targets`` or ``psq_tvm.passes`` is imported (or at ``import psq_tvm`` if TVM is already loaded).
 """
 
-from .allocation import Budget, BudgetError, allocate_budget, allocate_tolerance
-from .crossbar import PRESETS, CrossbarSpec, SpecError, parse_bits, preset
-from .packing import Placement, pack
-from .quant import QuantResult, compare, quantize_levels, rtn_per_tile, uniform_crossbars, uniform_per_layer
-from .search import OBJECTIVES, SearchConfig, psq_search
-from .tiling import Layer, ModelTiles, WeightError, grouped_conv_rule, roll, tiles, unroll, untile
+import importlib
+import sys
+
+from .core import (
+    DEFAULT_BUDGET, OBJECTIVES, PRESETS, Budget, BudgetError, CrossbarSpec, Layer, ModelTiles, Placement,
+    QuantResult, SearchConfig, SpecError, WeightError, allocate_budget, allocate_tolerance, compare,
+    grouped_conv_rule, pack, parse_bits, preset, psq_search, quantize_levels, roll, rtn_per_tile, tiles,
+    uniform_crossbars, uniform_per_layer, unroll, untile,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Budget", "BudgetError", "CrossbarSpec", "Layer", "ModelTiles", "OBJECTIVES", "PRESETS", "Placement",
-    "QuantResult", "SearchConfig", "SpecError", "WeightError", "allocate_budget", "allocate_tolerance",
-    "compare", "grouped_conv_rule", "pack", "parse_bits", "preset", "psq_search", "quantize_levels", "roll",
-    "rtn_per_tile", "tiles", "uniform_crossbars", "uniform_per_layer", "unroll", "untile", "__version__",
+    "Budget", "BudgetError", "CrossbarSpec", "DEFAULT_BUDGET", "Layer", "ModelTiles", "OBJECTIVES", "PRESETS",
+    "Placement", "QuantResult", "SearchConfig", "SpecError", "WeightError", "allocate_budget",
+    "allocate_tolerance", "compare", "grouped_conv_rule", "pack", "parse_bits", "preset", "psq_search",
+    "quantize_levels", "roll", "rtn_per_tile", "tiles", "uniform_crossbars", "uniform_per_layer", "unroll",
+    "untile", "__version__", "compile", "load",
 ]
 
+_SUBPACKAGES = ("core", "frontend", "passes", "runtime", "targets")
 
-# --- TVM-facing API (pim-psq target): imported lazily so the numpy core stays light ---------------
+
 def compile(model_or_path, target="pim-psq", **options):  # noqa: A001 (mirrors tvm.compile)
     """Compile an ONNX model for ``pim-psq`` (or ``llvm``); see :func:`psq_tvm.api.compile`."""
     from .api import compile as _compile
@@ -34,13 +49,12 @@ def load(path):
     return _load(path)
 
 
-try:  # importing psq_tvm registers the "pim-psq" target tag when TVM is installed
-    import tvm as _tvm  # noqa: F401
-except ImportError:  # pragma: no cover - numpy-only install
-    pass
-else:
-    from .targets.pim_psq import register_tag as _register_tag
-    _register_tag()
-    del _register_tag
+def __getattr__(name):  # psq_tvm.passes, psq_tvm.targets, ... without importing TVM up front
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ += ["compile", "load"]
+
+if "tvm" in sys.modules:  # TVM already loaded: make tvm.target.Target("pim-psq") work at once
+    from .targets import tag as _tag
+    _tag.register_tag()

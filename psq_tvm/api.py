@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .package import Package, PackageError
-from .package import load as _load
+from .runtime.package import Package, PackageError
+from .runtime.package import load as _load
 
 
 def compile(model_or_path: Any, target: str = "pim-psq", *, output: str | os.PathLike | None = None,

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .crossbar import DEFAULT_PRESET, PRESETS
-from .search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, GRANULARITIES, OBJECTIVES
-from .sensitivity import BIAS_CORRECTIONS, DEFAULT_BIAS_CORRECTION
+from .core.crossbar import DEFAULT_PRESET, PRESETS
+from .core.search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, GRANULARITIES, OBJECTIVES
+from .core.sensitivity import BIAS_CORRECTIONS, DEFAULT_BIAS_CORRECTION
 
 _SPEC_HELP = {
     "rows": "wordlines (inputs) per crossbar",
@@ -190,7 +190,7 @@ def cmd_compile(a) -> int:
 # ---------------------------------------------------------------------- run
 def _default_mode() -> str:
     try:
-        from . import simulator  # noqa: F401
+        from .runtime import simulator  # noqa: F401
         return "sim"
     except ImportError:
         return "fake-quant"
@@ -218,7 +218,7 @@ def _load_inputs(pkg, path: str | None) -> tuple[dict[str, np.ndarray], np.ndarr
 
 
 def cmd_run(a) -> int:
-    from .package import load
+    from .runtime.package import load
 
     say = _progress(a.quiet)
     pkg = load(a.PACKAGE)
@@ -265,13 +265,13 @@ def _sim_options(a):
         given["force_bitserial"] = True
     if not given:
         return None
-    from .simulator import SimOptions
+    from .runtime.simulator import SimOptions
     return SimOptions(**given)
 
 
 def verify(pkg, inputs: dict, batched: bool, sim_options=None) -> int:
     """--verify: float, golden (fake-quantised, float64) and simulator; exit code 3 on mismatch."""
-    from .verify import verify_package
+    from .runtime.verify import verify_package
 
     ok, lines = verify_package(pkg, inputs, batched, sim_options)
     print("\n".join(lines))
@@ -280,8 +280,8 @@ def verify(pkg, inputs: dict, batched: bool, sim_options=None) -> int:
 
 # ------------------------------------------------------------------- report
 def cmd_report(a) -> int:
-    from .package import load
-    from .report import format_table, plot
+    from .runtime.package import load
+    from .core.report import format_table, plot
 
     pkg = load(a.PACKAGE)
     rep = pkg.report

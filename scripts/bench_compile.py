@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     print(f"{'model':<24} {'tvm.compile s':>13} {'+export s':>10} {'tvmc pim-psq s':>14} {'ratio':>6} "
           f"{'ratio vs +export':>16}")
     worst = 0.0
-    from psq_tvm.importer import prepare_onnx
+    from psq_tvm.frontend.onnx_import import prepare_onnx
 
     for path in models:
         folded, _ = prepare_onnx(path)

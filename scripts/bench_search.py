@@ -36,8 +36,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from psq_tvm import Layer, ModelTiles, SearchConfig, preset, psq_search, rtn_per_tile  # noqa: E402
-from psq_tvm.search import DEFAULT_OBJECTIVE, OBJECTIVES  # noqa: E402
-from psq_tvm.tiling import tile_blocks  # noqa: E402
+from psq_tvm.core.search import DEFAULT_OBJECTIVE, OBJECTIVES  # noqa: E402
+from psq_tvm.core.tiling import tile_blocks  # noqa: E402
 
 
 def resnet50_layers(seed: int = 0) -> list[Layer]:

@@ -1,4 +1,4 @@
-"""Benchmark of the functional crossbar simulator (psq_tvm.simulator).
+"""Benchmark of the functional crossbar simulator (psq_tvm.runtime.simulator).
 
 For a ResNet 3x3 conv (64->64 on 56x56) and a 384x1536 dense layer it times,
 in one run and single-threaded:
@@ -31,8 +31,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from psq_tvm import Layer, preset, rtn_per_tile  # noqa: E402
-from psq_tvm.simulator import SimOptions, compile_layer, layer_program  # noqa: E402
-from psq_tvm.tables import crossbar_cells  # noqa: E402
+from psq_tvm.runtime.simulator import SimOptions, compile_layer, layer_program  # noqa: E402
+from psq_tvm.core.tables import crossbar_cells  # noqa: E402
 
 
 def tune_malloc() -> bool:

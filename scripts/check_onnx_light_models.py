@@ -38,7 +38,7 @@ def dummy_input(model):
 
 def main(argv=None) -> int:
     import psq_tvm
-    from psq_tvm.verify import EXACT_RTOL, is_exact, layer_errors
+    from psq_tvm.runtime.verify import EXACT_RTOL, is_exact, layer_errors
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated subset (e.g. resnet50,vgg19)")

@@ -1,4 +1,4 @@
-"""Data-free input statistics from BatchNorm parameters (psq_tvm.bn_stats) and their use in compile."""
+"""Data-free input statistics from BatchNorm parameters (psq_tvm.frontend.bn_stats) and their use in compile."""
 
 import math
 
@@ -8,8 +8,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import psq_tvm
-from psq_tvm.bn_stats import batchnorm_input_stats, clipped_gaussian_moments
-from psq_tvm.crossbar import preset
+from psq_tvm.frontend.bn_stats import batchnorm_input_stats, clipped_gaussian_moments
+from psq_tvm.core.crossbar import preset
 from test_onnx_models import model, vi
 
 
@@ -67,8 +67,8 @@ def test_bn_bias_correction_and_sensitivity_in_compile():
     names = {l["name"]: l for l in pkg.layers}
     assert set(names) == {"conv1", "conv2", "conv3"}      # BatchNorms folded into conv1/conv2
     assert names["conv1"]["bias_correction"] is None      # no statistics for the first layer
-    from psq_tvm.sensitivity import bias_correction
-    from psq_tvm.targets.pim_psq import conv_row_means
+    from psq_tvm.core.sensitivity import bias_correction
+    from psq_tvm.targets.input_stats import conv_row_means
     st = batchnorm_input_stats(m)
     for name in ("conv2", "conv3"):
         lay = names[name]

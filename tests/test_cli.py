@@ -46,7 +46,7 @@ def compiled(files):
 
 
 def test_compile_options_reach_the_package(compiled, files):
-    from psq_tvm.package import load
+    from psq_tvm.runtime.package import load
 
     pkg = load(compiled)
     s = pkg.spec
@@ -170,7 +170,7 @@ def test_verify_three_ways_and_exit_code(compiled, files, capsys, monkeypatch):
     assert rc == 0, out
     assert "sim vs golden" in out and "sim vs float" in out and "cosine" in out and "verify: PASS" in out
     # a simulator that drifts from the tables is caught
-    import psq_tvm.simulator as simulator
+    import psq_tvm.runtime.simulator as simulator
     real = simulator.run_layer
     monkeypatch.setattr(simulator, "run_layer", lambda *a, **k: real(*a, **k) * np.float32(1.001))
     rc, out, _ = run_cli(capsys, "run", compiled, "--inputs", files / "in.npz", "--verify", "-q")
@@ -204,7 +204,7 @@ def test_sim_options_flags(compiled, files, capsys):
     ("names", "the model takes"),
 ])
 def test_run_bad_inputs(compiled, files, capsys, case, needle):
-    from psq_tvm.package import load
+    from psq_tvm.runtime.package import load
     info = load(compiled).manifest["inputs"][0]
     x = np.random.default_rng(1).standard_normal([2] + list(info["shape"][1:])).astype(np.float32)
     p = files / f"bad_{case}.npz"

@@ -1,6 +1,6 @@
 import pytest
 
-from psq_tvm.crossbar import PRESETS, CrossbarSpec, SpecError, parse_bits, preset
+from psq_tvm.core.crossbar import PRESETS, CrossbarSpec, SpecError, parse_bits, preset
 
 
 def test_presets_valid_and_named():

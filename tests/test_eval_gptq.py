@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import methods as M  # noqa: E402
 from psq_tvm import Layer, ModelTiles, SearchConfig, preset, psq_search  # noqa: E402
-from psq_tvm.tiling import unroll  # noqa: E402
+from psq_tvm.core.tiling import unroll  # noqa: E402
 
 
 def _setup(rng):

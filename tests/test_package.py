@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("tvm")
 
 import psq_tvm  # noqa: E402
-from psq_tvm.crossbar import CrossbarSpec, preset  # noqa: E402
-from psq_tvm.package import FORMAT, VERSION, PackageError, load  # noqa: E402
-from psq_tvm.runtime import dequantized_weight  # noqa: E402
-from psq_tvm.tables import decode_tile  # noqa: E402
+from psq_tvm.core.crossbar import CrossbarSpec, preset  # noqa: E402
+from psq_tvm.runtime.package import FORMAT, VERSION, PackageError, load  # noqa: E402
+from psq_tvm.runtime.session import dequantized_weight  # noqa: E402
+from psq_tvm.core.tables import decode_tile  # noqa: E402
 
 from test_onnx_models import small_cnn  # noqa: E402
 
@@ -173,7 +173,7 @@ def test_c_header(built):
 
 def test_per_column_scales_roundtrip_and_sim_exact(tmp_path):
     """Per-column scales survive the manifest, decode to the searched weights, and the simulator stays exact."""
-    from psq_tvm.simulator import golden_layer, run_layer
+    from psq_tvm.runtime.simulator import golden_layer, run_layer
     spec = preset("isaac", rows=32, cols=32, adc_bits=None)
     pkg = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=4", granularity="column")
     back = load(pkg.save(tmp_path / "col.tar"))
@@ -193,7 +193,7 @@ def test_per_column_scales_roundtrip_and_sim_exact(tmp_path):
 
 
 def test_synthetic_sensitivity_compiles_deterministically(tmp_path):
-    from psq_tvm.targets.pim_psq import synthetic_input_moments
+    from psq_tvm.targets.input_stats import synthetic_input_moments
     spec = preset("isaac", rows=32, cols=32)
     a = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=4", sensitivity="synthetic")
     b = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=4", sensitivity="synthetic")
@@ -218,8 +218,8 @@ def test_synthetic_sensitivity_with_batchnorm(fold):
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
-    from psq_tvm.sensitivity import input_weighted_importance
-    from psq_tvm.targets.pim_psq import synthetic_input_moments
+    from psq_tvm.core.sensitivity import input_weighted_importance
+    from psq_tvm.targets.input_stats import synthetic_input_moments
     from test_onnx_models import model, vi
 
     r = np.random.default_rng(11)
@@ -250,7 +250,7 @@ def test_synthetic_sensitivity_with_batchnorm(fold):
 def test_output_sensitivity_finite_deterministic_no_leak():
     """Synthetic output sensitivity (eval option): one finite positive factor per PIM layer, geometric
     mean 1, the same on a second call."""
-    from psq_tvm.targets.pim_psq import output_sensitivity
+    from psq_tvm.targets.input_stats import output_sensitivity
     spec = preset("isaac", rows=32, cols=32)
     pkg = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3")
     a = output_sensitivity(pkg, pkg.quant_result)
@@ -269,8 +269,8 @@ def test_bias_correction_cancels_mean_shift_on_its_inputs(tmp_path):
     """With --psq-bias-correction synthetic every PIM layer's mean output shift (quantised minus float
     weights, same inputs: the synthetic ones the correction was computed from) is cancelled to float
     precision, including padded convs; float mode is unchanged; the package round-trips."""
-    from psq_tvm.runtime import Session
-    from psq_tvm.targets.pim_psq import SYNTHETIC_SAMPLES, synthetic_feeds
+    from psq_tvm.runtime.session import Session
+    from psq_tvm.targets.input_stats import SYNTHETIC_SAMPLES, synthetic_feeds
 
     spec = preset("isaac", rows=32, cols=32)
     plain = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3")

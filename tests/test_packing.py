@@ -1,8 +1,8 @@
 import numpy as np
 
 from psq_tvm import Layer, preset, psq_search, rtn_per_tile, uniform_crossbars
-from psq_tvm.packing import pack
-from psq_tvm.tables import crossbar_cells, read_tile, tile_levels
+from psq_tvm.core.packing import pack
+from psq_tvm.core.tables import crossbar_cells, read_tile, tile_levels
 
 
 def test_full_tiles_each_own_set():
@@ -61,7 +61,7 @@ def test_cells_roundtrip_packed(rng):
 
 def _cells_per_tile(r):
     """Reference: every tile encoded and placed on its own (the straightforward algorithm)."""
-    from psq_tvm.tables import encode_tile
+    from psq_tvm.core.tables import encode_tile
     spec, pl, tiles = r.spec, r.placement, r.tiles
     cells = np.zeros((pl.n_crossbars, spec.rows, spec.cols), dtype=np.uint8)
     for t, q in enumerate(tile_levels(r)):

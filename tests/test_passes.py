@@ -10,8 +10,8 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 import psq_tvm  # noqa: E402  (registers the pim-psq tag)
-from psq_tvm.crossbar import preset  # noqa: E402
-from psq_tvm.importer import ModelImportError, import_onnx  # noqa: E402
+from psq_tvm.core.crossbar import preset  # noqa: E402
+from psq_tvm.frontend.onnx_import import ModelImportError, import_onnx  # noqa: E402
 from psq_tvm.passes import AnnotatePSQ, LowerToPIM, PartitionForPIM, composite_calls, host_layers  # noqa: E402
 
 from test_onnx_models import (act_matmul_model, conv_model, gemm_model, matmul_model, reference,  # noqa: E402
@@ -193,7 +193,7 @@ def test_batchnorm_folded_into_conv():
 
 
 def test_parse_input_shapes():
-    from psq_tvm.importer import parse_input_shapes
+    from psq_tvm.frontend.onnx_import import parse_input_shapes
 
     assert parse_input_shapes("input:[1,3,224,224] mask:[1, 7]") == {"input": [1, 3, 224, 224], "mask": [1, 7]}
     with pytest.raises(ModelImportError):
@@ -209,8 +209,8 @@ def test_gemm_weight_from_expand_folds_through_bindings(monkeypatch):
 
     from test_onnx_models import model, vi
 
-    import psq_tvm.importer
-    monkeypatch.setattr(psq_tvm.importer, "_MAX_FOLD_ELEMS", 1000)   # leave the Expand to Relax, as on VGG-19
+    import psq_tvm.frontend.onnx_import
+    monkeypatch.setattr(psq_tvm.frontend.onnx_import, "_MAX_FOLD_ELEMS", 1000)   # leave the Expand to Relax, as on VGG-19
     n, k = 300, 200
     inits = [nh.from_array(np.full((1, k), 0.25, np.float32), "c"),
              nh.from_array(np.array([n, k], np.int64), "shape")]
@@ -232,8 +232,8 @@ def test_numpy_fold_keeps_scalar_constants(monkeypatch):
 
     from test_onnx_models import model, vi
 
-    import psq_tvm.importer
-    monkeypatch.setattr(psq_tvm.importer, "_MAX_FOLD_ELEMS", 0)      # leave the Reshape to Relax
+    import psq_tvm.frontend.onnx_import
+    monkeypatch.setattr(psq_tvm.frontend.onnx_import, "_MAX_FOLD_ELEMS", 0)      # leave the Reshape to Relax
     inits = [nh.from_array(np.array([-0.5], np.float32), "c"), nh.from_array(np.array([0.7], np.float32), "d"),
              nh.from_array(np.zeros(0, np.int64), "scalar"),
              nh.from_array(np.random.default_rng(6).standard_normal((8, 6)).astype(np.float32), "W")]

@@ -3,7 +3,7 @@ import pytest
 
 from psq_tvm import (Budget, BudgetError, Layer, ModelTiles, SearchConfig, compare, preset, psq_search,
                      rtn_per_tile, uniform_per_layer)
-from psq_tvm.search import evaluate_candidates, tile_histograms
+from psq_tvm.core.candidates import evaluate_candidates, tile_histograms
 
 
 def _heavy(rng, shape, scale=0.05):

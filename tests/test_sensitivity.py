@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from psq_tvm import Layer, ModelTiles, preset, psq_search
-from psq_tvm.sensitivity import bias_correction, input_weighted_importance, row_statistic
+from psq_tvm.core.sensitivity import bias_correction, input_weighted_importance, row_statistic
 
 
 def _layers(rng):
@@ -51,7 +51,7 @@ def test_bias_correction_cancels_mean_shift(rng):
         mean = rng.uniform(0, 1, cin)
         corr = bias_correction(r, li, mean)
         rows = row_statistic(lay, mean)
-        from psq_tvm.tiling import unroll
+        from psq_tvm.core.tiling import unroll
         ref = np.concatenate([x @ m for x, m in zip(rows, lay.matrices)])
         q = np.concatenate([x @ m for x, m in zip(rows, unroll(r.dequantized(li), lay.kind, lay.groups))])
         np.testing.assert_allclose(q + corr, ref, rtol=1e-4, atol=1e-4)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from psq_tvm import CrossbarSpec, Layer, preset, psq_search
-from psq_tvm.quant import QuantResult, tile_maxabs
-from psq_tvm.simulator import (SimError, SimOptions, clear_cache, compile_layer, golden_layer, layer_integers,
+from psq_tvm.core.quant import QuantResult, tile_maxabs
+from psq_tvm.runtime.simulator import (SimError, SimOptions, clear_cache, compile_layer, golden_layer, layer_integers,
                                layer_program, quantize_activations, run_layer)
-from psq_tvm.tables import crossbar_cells, encode_tile
-from psq_tvm.tiling import ModelTiles
+from psq_tvm.core.tables import crossbar_cells, encode_tile
+from psq_tvm.core.tiling import ModelTiles
 
 
 # ------------------------------------------------------------------ helpers
@@ -537,7 +537,7 @@ def test_mixed_lossless_and_lossy_strips_match_forced_bitserial():
 def test_fast_path_chunking_does_not_change_results(monkeypatch, chunk_min):
     """The fused-im2col / chunked fast path gives the same floats for any chunk size (one output row,
     ragged chunks, whole images)."""
-    import psq_tvm.simulator as sim
+    import psq_tvm.runtime.simulator as sim
     rng = np.random.default_rng(71)
     spec = preset("isaac", rows=16, cols=12, adc_bits=None)
     layers = small_model(rng)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from psq_tvm.tiling import (Layer, ModelTiles, TileGrid, WeightError, grouped_conv_rule, roll, tiles, unroll,
+from psq_tvm.core.tiling import (Layer, ModelTiles, TileGrid, WeightError, grouped_conv_rule, roll, tiles, unroll,
                             untile)
 
 

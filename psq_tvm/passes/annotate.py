@@ -19,11 +19,11 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Call, Constant
 
-from ..crossbar import CrossbarSpec, preset
-from ..importer import const_array
-from ..quant import QuantResult
-from ..search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConfig, psq_search
-from ..tiling import Layer
+from ..core.crossbar import CrossbarSpec, preset
+from ..frontend.onnx_import import const_array
+from ..core.quant import QuantResult
+from ..core.search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConfig, psq_search
+from ..core.tiling import Layer
 from .partition import ATTR_NAME, composite_calls, host_layers, inner_calls
 from .patterns import _shape
 

@@ -11,8 +11,8 @@ from tvm.ir.expr import Call, Constant
 from tvm.relax.backend.pattern_registry import get_patterns_with_prefix
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..crossbar import CrossbarSpec, preset
-from ..importer import const_array, fingerprint, fold_constants_numpy
+from ..core.crossbar import CrossbarSpec, preset
+from ..frontend.onnx_import import const_array, fingerprint, fold_constants_numpy
 from .patterns import PREFIX, WEIGHT_OPS, active_spec, host_reason
 
 ATTR_NAME = "pim_psq.name"

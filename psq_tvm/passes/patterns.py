@@ -26,9 +26,9 @@ from tvm.relax.backend.pattern_registry import register_patterns
 from tvm.relax.dpl.pattern import is_const, is_op, wildcard
 from tvm.relax.transform import PatternCheckContext
 
-from ..crossbar import CrossbarSpec, preset
-from ..importer import const_array
-from ..tiling import WeightError, check_weight, grouped_conv_rule
+from ..core.crossbar import CrossbarSpec, preset
+from ..frontend.onnx_import import const_array
+from ..core.tiling import WeightError, check_weight, grouped_conv_rule
 
 PREFIX = "pim_psq"
 _SPEC: list[CrossbarSpec] = [preset()]

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import psq_tvm
-    from psq_tvm.simulator import SimOptions
+    from psq_tvm.runtime.simulator import SimOptions
 
     wl = W.get_workload(args.workload)
     if len(wl.input_names) != 1 or wl.labels is None:

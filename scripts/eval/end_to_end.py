@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         compile_s = time.perf_counter() - t0
         pkg = psq_tvm.load(str(pkg_path))
     X = np.concatenate([wl.feed(x)[wl.input_name] for x, _ in wl.batches()])[: wl.num_items]
-    from psq_tvm.simulator import SimOptions
+    from psq_tvm.runtime.simulator import SimOptions
 
     outs = {}
     for mode in ("float", "fake-quant", "sim"):

@@ -4,7 +4,7 @@ Every method maps the PIM layers of a compiled package (``pkg.quant_result.tiles
 the layers the pim-psq partitioner sent to the crossbars, already tiled) to
 
 * a fake-quantised weight per layer (``dequantized(li)``, the layer's own shape), and
-* a crossbar count from the one packer of :mod:`psq_tvm.quant` (same tiles, same packer),
+* a crossbar count from the one packer of :mod:`psq_tvm.core.quant` (same tiles, same packer),
 
 so every row of the tables quantises the same weights and is counted the same way.
 
@@ -25,8 +25,8 @@ from typing import Callable
 import numpy as np
 
 from psq_tvm import SearchConfig, psq_search, rtn_per_tile, uniform_per_layer
-from psq_tvm.quant import uniform_crossbars
-from psq_tvm.tiling import ModelTiles, canonical_blocks, empty_like_layout, roll
+from psq_tvm.core.quant import uniform_crossbars
+from psq_tvm.core.tiling import ModelTiles, canonical_blocks, empty_like_layout, roll
 
 
 @dataclasses.dataclass
@@ -106,7 +106,7 @@ def psq(tiles: ModelTiles, spec, objective: str = "mse", granularity: str = "til
                                                         "sensitivity": (sens or "sens") if importance is not None else None,
                                                         "bias_correction": bc if bias_stats is not None else None})
     if bias_stats is not None:
-        from psq_tvm.sensitivity import bias_correction
+        from psq_tvm.core.sensitivity import bias_correction
         res.bias_deltas = [None if st is None else bias_correction(qr, li, st[0]) for li, st in enumerate(bias_stats)]
     return res
 
@@ -120,7 +120,7 @@ def gptq(qr, covariances: list, damp: float = 0.01) -> MethodResult:
     bitwidths and scales, so the same crossbars.  Needs input statistics with cross terms, i.e.
     data: used by ``oracle_bounds.py`` as a bound on what better rounding can recover.
     """
-    from psq_tvm.quant import quantize_levels
+    from psq_tvm.core.quant import quantize_levels
 
     t0 = time.perf_counter()
     tiles = qr.tiles

@@ -45,8 +45,8 @@ import workloads as W  # noqa: E402
 def input_covariances(pkg, feeds_list) -> list:
     """``E[x x^T]`` over the unrolled rows of every PIM layer (groups == 1) from float runs of the package;
     ``None`` for grouped convs and layers never reached."""
-    from psq_tvm.runtime import im2col
-    from psq_tvm.targets.pim_psq import traced_layer_inputs
+    from psq_tvm.runtime.session import im2col
+    from psq_tvm.targets.input_stats import traced_layer_inputs
 
     acc: dict = {}
     for lid, lay, x in traced_layer_inputs(pkg, feeds_list):
@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     import onnx
     import psq_tvm
     from psq_tvm import SearchConfig, psq_search
-    from psq_tvm.importer import fold_batchnorm
-    from psq_tvm.sensitivity import input_weighted_importance, weight_bias_correction
-    from psq_tvm.targets.pim_psq import float_input_stats, layer_input_stats, synthetic_feeds
+    from psq_tvm.frontend.onnx_import import fold_batchnorm
+    from psq_tvm.core.sensitivity import input_weighted_importance, weight_bias_correction
+    from psq_tvm.targets.input_stats import float_input_stats, layer_input_stats, synthetic_feeds
 
     t_start = time.perf_counter()
     wl = W.get_workload(args.workload)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                         config=SearchConfig(objective="mse", granularity="column"))
         record(M._from_quant_result(f"mse-column uniform{bits}", "uniform-column", qr, {"bits": bits}),
                f"every tile at {bits} bits, per-column mse scales")
-    from psq_tvm.quant import uniform_crossbars
+    from psq_tvm.core.quant import uniform_crossbars
     u16 = uniform_crossbars(tiles, spec, 16)
     for r in rows:
         r["reduction_vs_u16"] = u16 / r["crossbars"]

@@ -120,7 +120,7 @@ def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_F
                 input_stats=None):
     """(name, thunk) of every method row, in table order; ``importance(obj, gran, kind)`` -> tile weights,
     ``input_stats()`` -> per-layer synthetic input statistics (for the -bc families)."""
-    from psq_tvm.quant import uniform_crossbars
+    from psq_tvm.core.quant import uniform_crossbars
 
     n4 = uniform_crossbars(tiles, spec, 4)
     n3 = uniform_crossbars(tiles, spec, 3)
@@ -178,7 +178,7 @@ def primary_ok(workload: str, m: dict, f: dict) -> bool:
 def run_sim(wl, args, onnx_path, spec_name, points, weight_rows, ref_full, idx_sim):
     """Full-simulator rows: compile each point, run mode='sim' (and 'fake-quant') on the sim subset."""
     import psq_tvm
-    from psq_tvm.simulator import SimOptions
+    from psq_tvm.runtime.simulator import SimOptions
 
     X = np.concatenate([wl.feed(x)[wl.input_name] for x, _ in wl.batches()])[: wl.num_items]
     labels = wl.labels
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
 
     import onnx
     import psq_tvm
-    from psq_tvm.allocation import BudgetError
+    from psq_tvm.core.allocation import BudgetError
 
     t_start = time.perf_counter()
     wl = W.get_workload(args.workload)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     onnx_model = onnx.load(str(onnx_path))
     # psq-tvm folds BatchNorm into the convs on import, so the PIM weights are the folded ones: evaluate
     # (float reference included) on the same folding of the model (unchanged for models without BN)
-    from psq_tvm.importer import fold_batchnorm
+    from psq_tvm.frontend.onnx_import import fold_batchnorm
     onnx_model = fold_batchnorm(onnx_model)
     n_items = args.items or (1000 if args.quick else None)
     idx = subset_workload(wl, n_items) if n_items else None
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     mapping = M.match_initializers(onnx_model, tiles.layers)
     log(f"compiled in {compile_s:.1f} s: {len(tiles.layers)} PIM layers, {tiles.n_tiles} tiles, "
         f"{pkg.report.get('n_host_layers')} weight layers on host")
-    from psq_tvm.quant import uniform_crossbars
+    from psq_tvm.core.quant import uniform_crossbars
     u16, u8 = uniform_crossbars(tiles, spec, 16), uniform_crossbars(tiles, spec, 8)
 
     # float reference on exactly these items
@@ -295,8 +295,8 @@ def main(argv=None) -> int:
 
     def importance(obj, gran, kind):
         """Per-tile sensitivity weights for a family (computed once per key)."""
-        from psq_tvm.sensitivity import input_weighted_importance
-        from psq_tvm.targets.pim_psq import output_sensitivity
+        from psq_tvm.core.sensitivity import input_weighted_importance
+        from psq_tvm.targets.input_stats import output_sensitivity
         key = (kind,) if kind in ("sens", "bnsens") else ("osens", obj, gran)
         if key not in _imp_cache:
             t0 = time.perf_counter()
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     def input_stats(kind):
         """Input statistics per PIM layer ('synthetic' or 'bn'; computed once each)."""
         if ("stats", kind) not in _imp_cache:
-            from psq_tvm.targets.pim_psq import layer_input_stats
+            from psq_tvm.targets.input_stats import layer_input_stats
             st = layer_input_stats(pkg, kind, pkg.bn_stats)
             log(f"input statistics ({kind}): {sum(s is not None for s in st)} of {len(st)} PIM layers")
             _imp_cache[("stats", kind)] = st

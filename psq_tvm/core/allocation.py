@@ -23,12 +23,15 @@ import numpy as np
 
 from .crossbar import CrossbarSpec
 from .packing import count_crossbars
+from .quant import uniform_crossbars
 from .tiling import ModelTiles
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .search import CandidateTable
+    from .candidates import CandidateTable
 
 BUDGET_KINDS = ("avg-bits", "crossbars", "reduction")
+#: the whole-model budget when neither a budget nor a tolerance is given
+DEFAULT_BUDGET = "reduction=4"
 
 
 class BudgetError(ValueError):
@@ -91,7 +94,6 @@ class _Measure:
         else:
             self.kind = "crossbars"
             if budget.kind == "reduction":
-                from .quant import uniform_crossbars
                 self.limit = math.floor(uniform_crossbars(tiles, spec, 16) / budget.value)
             else:
                 self.limit = budget.value

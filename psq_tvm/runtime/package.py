@@ -92,7 +92,7 @@ class Package:
 
     @property
     def spec(self):
-        from .crossbar import CrossbarSpec
+        from ..core.crossbar import CrossbarSpec
         return CrossbarSpec.from_dict(self.manifest["spec"])
 
     @property
@@ -181,7 +181,7 @@ class Package:
             import tvm
             from tvm import relax
 
-            from . import runtime  # noqa: F401  (registers pim_psq.layer)
+            from . import session  # noqa: F401  (registers pim_psq.layer)
 
             if self.host_library is None:
                 raise PackageError("package has no host library to run")
@@ -227,7 +227,7 @@ class Package:
         """Run the package on one set of inputs; returns a list of output arrays (and the layer trace)."""
         import tvm
 
-        from .runtime import Session
+        from .session import Session
 
         vm = self._vm_instance()
         arrs = [tvm.runtime.tensor(a) if hasattr(tvm.runtime, "tensor") else tvm.nd.array(a)

@@ -1,4 +1,4 @@
-"""The PSQ search: a scale and a bitwidth for every crossbar tile, data-free.
+"""Candidate scales per tile (or tile column) and bitwidth, scored by the PSQ objective, data-free.
 
 For every tile the search considers each candidate bitwidth ``b`` and a grid
 of clipping ratios ``r`` (scale ``s = r * max|w| / L``, ``L = 2**(b-1) - 1``,
@@ -15,22 +15,18 @@ Both are computed from one histogram of ``|w| / max|w|`` per tile
 (``bins`` fine bins), so the cost per candidate does not depend on the tile
 size: one pass over the weights builds all histograms, and every candidate of
 every tile is then evaluated at once (a matrix product for ``mse``, gathers on
-the cumulative histogram for ``cdf-kl``).  Bitwidths are then allocated by
-:mod:`psq_tvm.allocation` (tolerance or whole-model budget).
+the cumulative histogram for ``cdf-kl``).  The result, a :class:`CandidateTable`,
+is what :mod:`psq_tvm.core.allocation` chooses bitwidths from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Sequence
 
 import numpy as np
 
-from .allocation import Budget, allocate_budget, allocate_tolerance
-from .crossbar import CrossbarSpec
-from .quant import QuantResult
-from .tiling import Layer, ModelTiles, canonical_blocks, tile_blocks
+from .tiling import ModelTiles, canonical_blocks, tile_blocks
 
 OBJECTIVES = ("mse", "cdf-kl")
 DEFAULT_OBJECTIVE = "cdf-kl"   # chosen from the evaluation: README, "Defaults"
@@ -301,41 +297,3 @@ def evaluate_candidates(tiles: ModelTiles, bits: Sequence[int], config: SearchCo
     distortion[zero] = 0.0
     nsr = np.where(zero[:, None], 0.0, nsr)
     return CandidateTable(tuple(bits), objective, distortion, nsr, ratio, maxabs)
-
-
-def psq_search(layers: Sequence[Layer], spec: CrossbarSpec, *, config: SearchConfig | None = None,
-               budget: Budget | str | None = None, tolerance: float | None = None,
-               bits: Sequence[int] | None = None, tile_importance: np.ndarray | None = None,
-               tiles: ModelTiles | None = None) -> QuantResult:
-    """Run PSQ on ``layers``: per-tile scale and bitwidth under a tolerance or a whole-model budget.
-
-    Exactly one of ``budget`` (e.g. ``"avg-bits=4.5"``, ``"crossbars=800"``,
-    ``"reduction=3.5"``) and ``tolerance`` (largest acceptable per-tile
-    relative MSE, or divergence for ``cdf-kl``) should be given; with neither,
-    the default budget ``reduction=4`` is used.
-    """
-    start = time.perf_counter()
-    config = config or SearchConfig()
-    bits = tuple(sorted(set(bits or spec.weight_bits)))
-    for b in bits:
-        if not 2 <= b <= 16:
-            raise ValueError(f"candidate bitwidth {b} outside 2..16")
-    tiles = tiles or ModelTiles(layers, spec.rows, spec.cols)
-    table = evaluate_candidates(tiles, bits, config, tile_importance)
-    if budget is not None and tolerance is not None:
-        raise ValueError("give either a budget or a tolerance, not both")
-    if tolerance is not None:
-        choice, note = allocate_tolerance(table, tolerance), f"tolerance {tolerance:g}"
-    else:
-        budget = Budget.parse(budget or DEFAULT_BUDGET)
-        choice, note = allocate_budget(table, tiles, spec, budget)
-    chosen_bits = np.array(bits, dtype=np.int64)[choice]
-    t = np.arange(tiles.n_tiles)
-    return QuantResult(
-        tiles=tiles, spec=spec, bits=chosen_bits, scales=table.scales(choice),
-        objective=table.objective[t, choice], method=f"psq-{config.objective}",
-        search_seconds=time.perf_counter() - start, note=note,
-        candidates=table)
-
-
-DEFAULT_BUDGET = "reduction=4"

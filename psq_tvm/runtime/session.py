@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .crossbar import CrossbarSpec
-from .tables import decode_tile
-from .tiling import roll
+from ..core.crossbar import CrossbarSpec
+from ..core.tables import decode_tile
+from ..core.tiling import roll
 
 MODES = ("sim", "golden", "fake-quant", "float")
 """sim: the crossbar simulator; golden: fake-quantised weights and activations in float64 (the
@@ -149,7 +149,7 @@ class Session:
                     raise PIMRuntimeError(f"layer {layer['name']!r}: package stores no float weights (compiled with "
                                         "float weights off); use --mode fake-quant")
                 w = self.package.blob(name)
-                from .tiling import unroll
+                from ..core.tiling import unroll
                 self._mats[key] = [np.ascontiguousarray(m, dtype=np.float64) for m in
                                    unroll(w, "conv2d" if layer["op"] == "conv2d" else "dense", int(layer["groups"]))]
             else:

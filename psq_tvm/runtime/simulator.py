@@ -75,8 +75,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .crossbar import CrossbarSpec
-from .tables import decode_tile
+from ..core.crossbar import CrossbarSpec
+from ..core.tables import decode_tile
 
 __all__ = [
     "SimOptions", "SimError", "CompiledLayer", "compile_layer", "run_layer", "golden_layer",
