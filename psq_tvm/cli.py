@@ -20,6 +20,7 @@ import numpy as np
 from .core.crossbar import DEFAULT_PRESET, PRESETS
 from .core.search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, GRANULARITIES, OBJECTIVES
 from .core.sensitivity import BIAS_CORRECTIONS, DEFAULT_BIAS_CORRECTION
+from .targets.fidelity import DEFAULT_MIN_FIDELITY
 
 _SPEC_HELP = {
     "rows": "wordlines (inputs) per crossbar",
@@ -60,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="tvmc", description="Compile ONNX models for crossbar processing-in-memory (target pim-psq: PSQ "
         "per-tile scale and bitwidth, crossbar programming tables) or for the host (llvm); run and inspect "
-        "the resulting packages.")
+        "the resulting packages.",
+        epilog="exit codes: 0 success; 1 error (one line 'tvmc: error: ...'); 2 bad command line; 3 run --verify: "
+        "the simulator does not match golden where the spec makes it exact; 4 run --verify --max-loss: the compiled "
+        "model is further from float than allowed; 130 interrupted")
     sub = p.add_subparsers(dest="command", metavar="{compile,run,report}")
 
     c = sub.add_parser("compile", help="compile an ONNX model into a package (.tar)",
@@ -84,24 +88,33 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-granularity", default=DEFAULT_GRANULARITY, choices=list(GRANULARITIES),
                    help="tile: one scale per crossbar tile; column: one scale per tile column (bitline), applied "
                    f"in the digital stage after the ADC at no crossbar cost (default: {DEFAULT_GRANULARITY})")
-    c.add_argument("--psq-sensitivity", default="none", choices=["none", "synthetic", "bn"],
+    c.add_argument("--psq-sensitivity", default="none", choices=["none", "synthetic", "bn", "calib"],
                    help="how tile distortions are weighted in the whole-model budget: none = relative error per "
                    "layer; synthetic = weighted by each layer's input energy per row, estimated data-free from a "
-                   "float run on seeded N(0,1) inputs; bn = the same energy from the BatchNorm before each layer "
+                   "float run on seeded synthetic inputs; bn = the same energy from the BatchNorm before each layer "
                    "(the model's own statistics, propagated through ReLU/Clip/Add; layers without one get "
-                   "weight 1) (default: none)")
-    c.add_argument("--psq-bias-correction", default=DEFAULT_BIAS_CORRECTION, choices=list(BIAS_CORRECTIONS),
+                   "weight 1); calib = measured on --calib-inputs (default: none)")
+    c.add_argument("--psq-bias-correction", default=DEFAULT_BIAS_CORRECTION, choices=list(BIAS_CORRECTIONS) + ["calib"],
                    help="data-free bias correction (DFQ): add -E[x]^T (W_q - W) to each PIM layer's bias, so the "
                    "quantisation error does not shift the expected output; input means E[x] from: synthetic = a "
-                   "float run on seeded N(0,1) inputs (float model inputs only); bn = the BatchNorm before each "
-                   "layer (layers without one are not corrected). Stored as a separate bias_correction blob, "
-                   f"applied in the sim and fake-quant modes (default: {DEFAULT_BIAS_CORRECTION}: a no-op for models "
-                   "without BatchNorm; why: README, 'Defaults')")
+                   "float run on seeded synthetic inputs; bn = the BatchNorm before each layer (layers without one "
+                   "are not corrected); calib = measured on --calib-inputs. Stored as a separate bias_correction "
+                   f"blob, applied in the sim, golden and fake-quant modes (default: {DEFAULT_BIAS_CORRECTION}: a "
+                   "no-op for models without BatchNorm; why: README, 'Defaults')")
     c.add_argument("--psq-budget", metavar="KIND=VALUE",
-                   help="whole-model budget: avg-bits=4.5, crossbars=N or reduction=3.5 (x fewer crossbars than "
-                   "uniform 16-bit); default reduction=4")
+                   help="whole-model budget: auto = the fewest crossbars whose fidelity (output SQNR against "
+                   "float on data-free inputs, or --calib-inputs) meets --psq-min-fidelity; avg-bits=4.5, "
+                   "crossbars=N or reduction=3.5 (x fewer crossbars than uniform 16-bit) (default: auto)")
     c.add_argument("--psq-tolerance", type=float, metavar="T",
                    help="instead of a budget: each tile takes the smallest bitwidth whose distortion is below T")
+    c.add_argument("--psq-min-fidelity", metavar="F",
+                   help=f"fidelity the auto budget must meet, and below which compile warns: rtn8 (the output SQNR "
+                   "of per-output-channel 8-bit round-to-nearest on the same inputs), rtn8-D / rtn8+D (D dB below "
+                   f"/ above it) or an SQNR in dB (default: {DEFAULT_MIN_FIDELITY}; why: README, 'Defaults')")
+    c.add_argument("--calib-inputs", metavar="IN.npz",
+                   help="a few real, unlabelled inputs (one array [n, ...] per model input name, or a single array): "
+                   "the fidelity guard and the auto budget measure on them instead of synthetic inputs; they feed "
+                   "the search only with --psq-sensitivity/--psq-bias-correction calib")
     c.add_argument("--psq-bits", metavar="BITS", help="candidate bitwidths for the search, e.g. '2-8' (default: "
                    "the spec's weight_bits)")
     c.add_argument("--emit-c-header", nargs="?", const=True, default=False, metavar="PATH",
@@ -112,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fold-batchnorm", action="store_true",
                    help="keep BatchNormalization on the host instead of folding it into the preceding conv's "
                    "weights and bias before quantisation (default: fold)")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr (warnings still)")
 
     r = sub.add_parser("run", help="run a compiled package on inputs from an .npz file",
                        description="Run a package. PIM layers execute in the chosen mode; host layers in the "
@@ -133,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
                    "sim vs golden and vs float errors, cosine similarity and top-1 agreement, and per-layer "
                    "errors; exit code 3 if sim does not match golden within what the spec implies (exact up "
                    "to float32 rounding for a lossless ADC without non-idealities)")
+    r.add_argument("--max-loss", metavar="KIND=VALUE",
+                   help="with --verify: exit code 4 when the simulated model is further from float than VALUE on "
+                   "these inputs: top1=0.01 (at most 1 %% of items change their top-1 class), cosine=0.001 "
+                   "(1 - cosine of all outputs), accuracy=0.005 (accuracy drop; needs labels)")
     sim = r.add_argument_group("simulator options (mode sim; device non-idealities are off by default, seeded)")
     sim.add_argument("--sim-act-bits", type=int, metavar="N", help="activation bits (default: the spec's act_bits)")
     sim.add_argument("--sim-adc-full-scale", type=float, metavar="V",
@@ -165,12 +182,14 @@ def cmd_compile(a) -> int:
         say("note: --target llvm ignores the crossbar and PSQ options")
     if not a.output:
         raise CLIError("-o/--output must name the package file")
+    calib = _read_npz(a.calib_inputs, "--calib-inputs")[0] if a.calib_inputs else None
     pkg = psq_compile(a.FILE, a.target, input_shapes=a.input_shapes, preset=a.target_pim_psq_preset,
-                      objective=a.psq_objective, granularity=a.psq_granularity,
-                      sensitivity=a.psq_sensitivity, bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance, bits=a.psq_bits,
+                      objective=a.psq_objective, granularity=a.psq_granularity, sensitivity=a.psq_sensitivity,
+                      bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance,
+                      bits=a.psq_bits, min_fidelity=a.psq_min_fidelity, calib_inputs=calib,
                       emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
                       fold_batchnorm=not a.no_fold_batchnorm, progress=say,
-                      **overrides)
+                      warn=lambda msg: print(f"tvmc: {msg}", file=sys.stderr, flush=True), **overrides)
     pkg.save(a.output)
     if isinstance(a.emit_c_header, str):
         tmp = a.emit_c_header + ".tmp"
@@ -196,19 +215,26 @@ def _default_mode() -> str:
         return "fake-quant"
 
 
-def _load_inputs(pkg, path: str | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    info = pkg.manifest.get("inputs", [])
-    if path is None:
-        rng = np.random.default_rng(0)
-        return {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in info}, None
+def _read_npz(path: str, what: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Arrays of an .npz file (``labels`` split off), with clear errors."""
     if not os.path.exists(path):
-        raise CLIError(f"inputs file {path!r} does not exist")
+        raise CLIError(f"{what} file {path!r} does not exist")
     try:
         with np.load(path) as z:
             data = {k: z[k] for k in z.files}
     except Exception as e:
-        raise CLIError(f"cannot read inputs {path!r} as .npz: {e}") from None
-    labels = data.pop("labels", None)
+        raise CLIError(f"cannot read {what} {path!r} as .npz: {e}") from None
+    return data, data.pop("labels", None)
+
+
+def _load_inputs(pkg, path: str | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    info = pkg.manifest.get("inputs", [])
+    if path is None:
+        from .frontend.input_ranges import synthetic_inputs
+        ranges = {i["name"]: int(i["index_range"]) for i in info if i.get("index_range")}
+        arrs = synthetic_inputs(info, ranges, np.random.default_rng(0))
+        return {i["name"]: a for i, a in zip(info, arrs)}, None
+    data, labels = _read_npz(path, "inputs")
     names = [i["name"] for i in info]
     if all(n in data for n in names):
         return {n: data[n] for n in names}, labels
@@ -252,8 +278,8 @@ def cmd_run(a) -> int:
         for k, o in enumerate(outs):
             print(f"output_{k}: shape {list(o.shape)} dtype {o.dtype} mean {float(o.mean()):.6g} "
                   f"max|.| {float(np.abs(o).max()):.6g}")
-    if a.verify:
-        return verify(pkg, inputs, batched, sim_options)
+    if a.verify or a.max_loss:
+        return verify(pkg, inputs, batched, sim_options, a.max_loss, labels)
     return 0
 
 
@@ -269,13 +295,14 @@ def _sim_options(a):
     return SimOptions(**given)
 
 
-def verify(pkg, inputs: dict, batched: bool, sim_options=None) -> int:
-    """--verify: float, golden (fake-quantised, float64) and simulator; exit code 3 on mismatch."""
+def verify(pkg, inputs: dict, batched: bool, sim_options=None, max_loss: str | None = None, labels=None) -> int:
+    """--verify: float, golden (fake-quantised, float64) and simulator; exit code 3 when sim does not match
+    golden where it must, 4 when --max-loss is exceeded."""
     from .runtime.verify import verify_package
 
-    ok, lines = verify_package(pkg, inputs, batched, sim_options)
+    code, lines = verify_package(pkg, inputs, batched, sim_options, max_loss, labels)
     print("\n".join(lines))
-    return 0 if ok else 3
+    return code
 
 
 # ------------------------------------------------------------------- report

@@ -133,9 +133,19 @@ def test_passes_compose_in_sequential():
     assert ex is not None
 
 
-def test_lower_requires_annotate():
-    mod = partition(conv_model())
-    with pytest.raises(Exception, match="AnnotatePSQ"):
+def test_partition_numbers_layers_and_lower_needs_the_numbers():
+    """PartitionForPIM gives every composite its layer id in program order (what the compile pipeline's
+    lower stage relies on); a composite without one is refused by LowerToPIM with what to run first."""
+    mod = partition(small_cnn())
+    ids = [int(mod[gv].attrs["pim_psq.layer_id"]) for _, _, gv in composite_calls(mod)]
+    assert ids == list(range(len(ids))) and len(ids) >= 2
+    lowered = LowerToPIM()(mod)
+    text = lowered.script()
+    for k in ids:
+        assert f'R.str("{k}")' in text or f'"{k}"' in text
+    _, _, gv = composite_calls(mod)[0]
+    mod[gv] = mod[gv].without_attr("pim_psq.layer_id")
+    with pytest.raises(Exception, match="PartitionForPIM"):
         LowerToPIM()(mod)
 
 

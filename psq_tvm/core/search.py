@@ -20,7 +20,7 @@ from .quant import QuantResult
 from .tiling import Layer, ModelTiles
 
 __all__ = ["CandidateTable", "DEFAULT_BUDGET", "DEFAULT_GRANULARITY", "DEFAULT_OBJECTIVE", "GRANULARITIES",
-           "OBJECTIVES", "SearchConfig", "evaluate_candidates", "psq_search"]
+           "OBJECTIVES", "SearchConfig", "evaluate_candidates", "psq_search", "quant_result"]
 
 
 def psq_search(layers: Sequence[Layer], spec: CrossbarSpec, *, config: SearchConfig | None = None,
@@ -49,11 +49,15 @@ def psq_search(layers: Sequence[Layer], spec: CrossbarSpec, *, config: SearchCon
     else:
         budget = Budget.parse(budget or DEFAULT_BUDGET)
         choice, note = allocate_budget(table, tiles, spec, budget)
-    chosen_bits = np.array(bits, dtype=np.int64)[choice]
+    return quant_result(table, tiles, spec, choice, config.objective, time.perf_counter() - start, note)
+
+
+def quant_result(table: CandidateTable, tiles: ModelTiles, spec: CrossbarSpec, choice: np.ndarray,
+                 objective: str, seconds: float = 0.0, note: str = "") -> QuantResult:
+    """The :class:`QuantResult` of one allocation ``choice`` (indices into ``table.bits``, one per tile)."""
     t = np.arange(tiles.n_tiles)
     return QuantResult(
-        tiles=tiles, spec=spec, bits=chosen_bits, scales=table.scales(choice),
-        objective=table.objective[t, choice], method=f"psq-{config.objective}",
-        search_seconds=time.perf_counter() - start, note=note,
+        tiles=tiles, spec=spec, bits=np.array(table.bits, dtype=np.int64)[choice], scales=table.scales(choice),
+        objective=table.objective[t, choice], method=f"psq-{objective}", search_seconds=seconds, note=note,
         candidates=table)
 

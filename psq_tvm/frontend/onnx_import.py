@@ -367,6 +367,7 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     from tvm.relax.frontend.onnx import from_onnx
 
     from .bn_stats import batchnorm_input_stats
+    from .input_ranges import index_ranges
 
     model, where = prepare_onnx(model_or_path, input_shapes, batchnorm=False)
     bn_stats = batchnorm_input_stats(model)          # before the BatchNorms are folded away
@@ -388,7 +389,8 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     mod, left = fold_constants_numpy(mod)
     if left:
         mod = relax.transform.FoldConstant()(mod)   # whatever numpy did not cover (rare)
-    return mod, {"inputs": inputs, "names": weight_names(model), "model": where, "bn_stats": bn_stats}
+    return mod, {"inputs": inputs, "names": weight_names(model), "model": where, "bn_stats": bn_stats,
+                 "index_ranges": index_ranges(model)}
 
 
 # ------------------------------------------------------------------ relax constant folding in numpy

@@ -10,8 +10,8 @@
 
 from .annotate import Annotation, AnnotatePSQ, annotation
 from .lower import RUNTIME_FUNC, LowerToPIM
-from .partition import PartitionForPIM, composite_calls, host_layers
+from .partition import LAYER_ATTR, PartitionForPIM, composite_calls, host_layers
 from .patterns import PREFIX, active_spec, host_reason
 
-__all__ = ["Annotation", "AnnotatePSQ", "LowerToPIM", "PartitionForPIM", "PREFIX", "RUNTIME_FUNC",
+__all__ = ["Annotation", "AnnotatePSQ", "LAYER_ATTR", "LowerToPIM", "PartitionForPIM", "PREFIX", "RUNTIME_FUNC",
            "active_spec", "annotation", "composite_calls", "host_layers", "host_reason"]

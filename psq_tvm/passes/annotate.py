@@ -14,20 +14,14 @@ import itertools
 import json
 from typing import Any, Sequence
 
-import numpy as np
 import tvm
-from tvm import relax
-from tvm.ir.expr import Call, Constant
 
 from ..core.crossbar import CrossbarSpec, preset
-from ..frontend.onnx_import import const_array
 from ..core.quant import QuantResult
 from ..core.search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConfig, psq_search
 from ..core.tiling import Layer
-from .partition import ATTR_NAME, composite_calls, host_layers, inner_calls
-from .patterns import _shape
+from .partition import LAYER_ATTR, composite_calls, host_layers, layer_record
 
-LAYER_ATTR = "pim_psq.layer_id"
 TILES_ATTR = "pim_psq.tiles"
 STATE_ATTR = "pim_psq.annotation"
 
@@ -52,41 +46,6 @@ def annotation(mod: tvm.IRModule) -> Annotation:
     if attrs is None or STATE_ATTR not in attrs or str(attrs[STATE_ATTR]) not in _STATES:
         raise ValueError("module has no PSQ annotation: run psq_tvm.passes.AnnotatePSQ first")
     return _STATES[str(attrs[STATE_ATTR])]
-
-
-def _ints(v) -> list[int]:
-    return [int(x) for x in v]
-
-
-def layer_record(func: relax.Function, call: Call, lid: int) -> dict[str, Any]:
-    """Manifest layer record for one composite function (weights kept as numpy for the search)."""
-    comp = str(func.attrs["Composite"])
-    calls = inner_calls(func)
-    bias = None
-    if "relax.add" in calls:
-        bias = const_array(calls["relax.add"].args[1]).astype(np.float32).reshape(-1)
-    rec: dict[str, Any] = {"id": lid, "name": str(func.attrs[ATTR_NAME]), "pattern": comp}
-    if "conv2d" in comp:
-        conv = calls["relax.nn.conv2d"]
-        w = const_array(conv.args[1]).astype(np.float32, copy=False)
-        a = conv.attrs
-        g = int(a.groups)
-        rec.update(op="conv2d", weight_shape=list(w.shape), groups=g,
-                   matrix_shape=[int(w.shape[1] * w.shape[2] * w.shape[3]), int(w.shape[0] // g)],
-                   strides=_ints(a.strides), padding=_ints(a.padding), dilation=_ints(a.dilation), operand="right")
-    else:
-        mm = calls["relax.matmul"]
-        left = comp.endswith("dense_left")
-        w = const_array(mm.args[0] if left else mm.args[1]).astype(np.float32, copy=False)
-        if left:
-            w = np.ascontiguousarray(w.T)   # Y = C @ X  ==  (X^T @ C^T)^T
-        rec.update(op="dense", weight_shape=list(w.shape), groups=1, matrix_shape=list(w.shape),
-                   strides=[1, 1], padding=[0, 0, 0, 0], dilation=[1, 1], operand="left" if left else "right")
-    rec["input_shape"] = _shape(call.args[0])
-    rec["output_shape"] = _shape(call)
-    rec["weight"] = w
-    rec["bias_array"] = bias
-    return rec
 
 
 @tvm.transform.module_pass(opt_level=0, name="pim_psq.AnnotatePSQ")

@@ -13,8 +13,7 @@ from tvm import relax
 from tvm.ir.expr import Call, Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .annotate import LAYER_ATTR
-from .partition import composite_calls
+from .partition import LAYER_ATTR, composite_calls
 
 RUNTIME_FUNC = "pim_psq.layer"
 
@@ -42,7 +41,7 @@ class LowerToPIM:
         for _, _, gv in composite_calls(mod):
             func = mod[gv]
             if func.attrs is None or LAYER_ATTR not in func.attrs:
-                raise ValueError(f"composite {gv.name_hint} has no {LAYER_ATTR}: run AnnotatePSQ before LowerToPIM")
+                raise ValueError(f"composite {gv.name_hint} has no {LAYER_ATTR}: run PartitionForPIM before LowerToPIM")
             layer_of[gv.name_hint] = int(func.attrs[LAYER_ATTR])
         if not layer_of:
             return mod

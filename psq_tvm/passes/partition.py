@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir.expr import Call, Constant
@@ -13,9 +14,11 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..core.crossbar import CrossbarSpec, preset
 from ..frontend.onnx_import import const_array, fingerprint, fold_constants_numpy
-from .patterns import PREFIX, WEIGHT_OPS, active_spec, host_reason
+from .patterns import PREFIX, WEIGHT_OPS, _shape, active_spec, host_reason
 
 ATTR_NAME = "pim_psq.name"
+#: index of a PIM layer in the manifest's layer list (program order), read by LowerToPIM
+LAYER_ATTR = "pim_psq.layer_id"
 HOST_ATTR = "pim_psq.host_layers"
 
 
@@ -54,6 +57,46 @@ def weight_of(func: relax.Function) -> Any:
         return const_array(calls["relax.nn.conv2d"].args[1])
     mm = calls["relax.matmul"]
     return const_array(mm.args[0] if comp.endswith("dense_left") else mm.args[1])
+
+
+def _ints(v) -> list[int]:
+    return [int(x) for x in v]
+
+
+def layer_record(func: relax.Function, call: Call, lid: int) -> dict[str, Any]:
+    """Manifest layer record for one composite function (weights kept as numpy for the search)."""
+    comp = str(func.attrs["Composite"])
+    calls = inner_calls(func)
+    bias = None
+    if "relax.add" in calls:
+        bias = const_array(calls["relax.add"].args[1]).astype(np.float32).reshape(-1)
+    rec: dict[str, Any] = {"id": lid, "name": str(func.attrs[ATTR_NAME]), "pattern": comp}
+    if "conv2d" in comp:
+        conv = calls["relax.nn.conv2d"]
+        w = const_array(conv.args[1]).astype(np.float32, copy=False)
+        a = conv.attrs
+        g = int(a.groups)
+        rec.update(op="conv2d", weight_shape=list(w.shape), groups=g,
+                   matrix_shape=[int(w.shape[1] * w.shape[2] * w.shape[3]), int(w.shape[0] // g)],
+                   strides=_ints(a.strides), padding=_ints(a.padding), dilation=_ints(a.dilation), operand="right")
+    else:
+        mm = calls["relax.matmul"]
+        left = comp.endswith("dense_left")
+        w = const_array(mm.args[0] if left else mm.args[1]).astype(np.float32, copy=False)
+        if left:
+            w = np.ascontiguousarray(w.T)   # Y = C @ X  ==  (X^T @ C^T)^T
+        rec.update(op="dense", weight_shape=list(w.shape), groups=1, matrix_shape=list(w.shape),
+                   strides=[1, 1], padding=[0, 0, 0, 0], dilation=[1, 1], operand="left" if left else "right")
+    rec["input_shape"] = _shape(call.args[0])
+    rec["output_shape"] = _shape(call)
+    rec["weight"] = w
+    rec["bias_array"] = bias
+    return rec
+
+
+def layer_records(mod: tvm.IRModule) -> list[dict[str, Any]]:
+    """Manifest layer records of every PIM composite, in layer-id order."""
+    return [layer_record(mod[gv], call, k) for k, (_, call, gv) in enumerate(composite_calls(mod))]
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -132,6 +175,8 @@ class PartitionForPIM:
         used: set[str] = set()
         counts: dict[str, int] = {}
         mod = _Namer(mod, self.names, used, counts).run()
+        for k, (_, _, gv) in enumerate(composite_calls(mod)):
+            mod[gv] = mod[gv].with_attr(LAYER_ATTR, k)
         host = []
         k = 0
         for block in mod["main"].body.blocks:

@@ -223,8 +223,13 @@ class Package:
             out.append(np.ascontiguousarray(a))
         return out
 
-    def run(self, inputs, mode: str = "fake-quant", sim_options: Any = None, trace: bool = False):
-        """Run the package on one set of inputs; returns a list of output arrays (and the layer trace)."""
+    def run(self, inputs, mode: str = "fake-quant", sim_options: Any = None, trace: bool = False,
+            weights: Mapping[str, Sequence[np.ndarray]] | None = None,
+            biases: Mapping[str, np.ndarray | None] | None = None):
+        """Run the package on one set of inputs; returns a list of output arrays (and the layer trace).
+
+        ``weights``/``biases`` (mode ``float``): per layer id, unrolled float64 matrices and biases used
+        instead of the stored ones (see :class:`~psq_tvm.runtime.session.Session`)."""
         import tvm
 
         from .session import Session
@@ -232,7 +237,7 @@ class Package:
         vm = self._vm_instance()
         arrs = [tvm.runtime.tensor(a) if hasattr(tvm.runtime, "tensor") else tvm.nd.array(a)
                 for a in self.input_arrays(inputs)]
-        with Session(self, mode, sim_options) as sess:
+        with Session(self, mode, sim_options, weights=weights, biases=biases) as sess:
             if trace:
                 sess.trace = []
             res = vm["main"](*arrs)

@@ -18,7 +18,7 @@ results do not depend on BLAS summation order.)
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -98,10 +98,25 @@ def dequantized_weight(layer: dict, cells: np.ndarray, spec: CrossbarSpec) -> np
     return roll(mats, kind, layer["weight_shape"], int(layer["groups"]))
 
 
+def layer_bias(package: Any, layer: Mapping[str, Any], quantised: bool) -> np.ndarray | None:
+    """A layer's bias as the package runs it: the stored bias, plus (``quantised``: the sim, golden and
+    fake-quant modes) its ``bias_correction`` blob, in float32 -- what a driver programs."""
+    b = None if layer.get("bias") is None else package.blob(layer["bias"])
+    if not quantised or layer.get("bias_correction") is None:
+        return b
+    c = package.blob(layer["bias_correction"])
+    return c.copy() if b is None else (b + c).astype(np.float32)
+
+
 class Session:
     """A loaded package made active for the host library's ``pim_psq.layer`` calls."""
 
-    def __init__(self, package: Any, mode: str = "fake-quant", sim_options: Any = None):
+    def __init__(self, package: Any, mode: str = "fake-quant", sim_options: Any = None,
+                 weights: Mapping[str, Sequence[np.ndarray]] | None = None,
+                 biases: Mapping[str, np.ndarray | None] | None = None):
+        """``weights`` / ``biases`` (mode ``float`` only): per layer id, unrolled matrices and a bias that
+        replace the stored ones for this session -- a what-if run of other quantised weights without
+        building a package (the compile's fidelity measure and sensitivity use it)."""
         if mode not in MODES:
             raise ValueError(f"unknown run mode {mode!r}; choose one of {MODES}")
         self.package = package
@@ -114,6 +129,10 @@ class Session:
         if not hasattr(package, "_runtime_cache"):
             package._runtime_cache = {}
         self._mats: dict = package._runtime_cache
+        if (weights or biases) and mode != "float":
+            raise ValueError("weight/bias overrides apply to mode 'float' only")
+        self.weights = {str(k): list(v) for k, v in (weights or {}).items()}
+        self.biases = {str(k): v for k, v in (biases or {}).items()}
         self.trace: list[tuple[str, np.ndarray, np.ndarray]] | None = None
         self._prev = None
         self._sim: Callable | None = None
@@ -131,16 +150,18 @@ class Session:
 
     def bias(self, layer: dict) -> np.ndarray | None:
         """The layer's bias; in the quantised modes plus its bias correction (if the package has one)."""
-        b = None if layer.get("bias") is None else self.package.blob(layer["bias"])
-        if self.mode == "float" or layer.get("bias_correction") is None:
-            return b
+        if str(layer["id"]) in self.biases:
+            return self.biases[str(layer["id"])]
+        if self.mode == "float":
+            return layer_bias(self.package, layer, quantised=False)
         key = ("bias", str(layer["id"]))
         if key not in self._mats:
-            c = self.package.blob(layer["bias_correction"])
-            self._mats[key] = c.copy() if b is None else (b + c).astype(np.float32)
+            self._mats[key] = layer_bias(self.package, layer, quantised=True)
         return self._mats[key]
 
     def matrices(self, layer: dict) -> list[np.ndarray]:
+        if str(layer["id"]) in self.weights:
+            return self.weights[str(layer["id"])]
         key = (self.mode, str(layer["id"]))
         if key not in self._mats:
             if self.mode == "float":

@@ -14,6 +14,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from ..frontend.input_ranges import synthetic_inputs
+
 #: where the data-free input statistics come from: seeded N(0,1) inputs run through the float model, or
 #: the model's BatchNorm parameters propagated analytically (psq_tvm.bn_stats)
 SENSITIVITIES = ("none", "synthetic", "bn")
@@ -21,18 +23,15 @@ SENSITIVITIES = ("none", "synthetic", "bn")
 SYNTHETIC_SAMPLES = 32
 
 
-def synthetic_feeds(pkg, samples: int, seed: int) -> list[list[np.ndarray]] | None:
-    """Seeded N(0, 1) feeds for the package's inputs, enough batches for ``samples`` items (no data).
-
-    None when an input is not float (token ids cannot be synthesised this way).
-    """
+def synthetic_feeds(pkg, samples: int, seed: int) -> list[list[np.ndarray]]:
+    """Seeded synthetic feeds for the package's inputs, enough batches for ``samples`` items (no data):
+    N(0, 1) for float inputs, uniform ids for embedding indices (the manifest input's ``index_range``),
+    ones for other integer inputs (:func:`psq_tvm.frontend.input_ranges.synthetic_inputs`)."""
     info = pkg.manifest["inputs"]
-    if any(not str(i["dtype"]).startswith("float") for i in info):
-        return None
+    ranges = {i["name"]: int(i["index_range"]) for i in info if i.get("index_range")}
     rng = np.random.default_rng(seed)
     batch = max(1, int(info[0]["shape"][0]) if info[0]["shape"] else 1)
-    return [[rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in info]
-            for _ in range(max(1, -(-samples // batch)))]
+    return [synthetic_inputs(info, ranges, rng) for _ in range(max(1, -(-samples // batch)))]
 
 
 def conv_row_means(x: np.ndarray, layer: Mapping[str, Any]) -> np.ndarray:
@@ -95,12 +94,8 @@ def float_input_stats(pkg, feeds_list) -> list[tuple[np.ndarray, np.ndarray] | N
 
 def synthetic_input_stats(pkg, samples: int = SYNTHETIC_SAMPLES, seed: int = 0
                           ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """:func:`float_input_stats` on seeded N(0, 1) inputs (no data).  Only float model inputs can be
-    synthesised; a model with integer inputs (token ids) gets ``None`` for every layer."""
-    feeds_list = synthetic_feeds(pkg, samples, seed)
-    if feeds_list is None:
-        return [None] * len(pkg.manifest["layers"])
-    return float_input_stats(pkg, feeds_list)
+    """:func:`float_input_stats` on seeded synthetic inputs (:func:`synthetic_feeds`; no data)."""
+    return float_input_stats(pkg, synthetic_feeds(pkg, samples, seed))
 
 
 def batchnorm_layer_stats(layers: list[dict], bn_stats: Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -156,29 +151,26 @@ def bias_corrections(result, stats: list[tuple[np.ndarray, np.ndarray] | None]) 
     return [None if st is None else bias_correction(result, li, st[0]) for li, st in enumerate(stats)]
 
 
-def output_sensitivity(pkg, result, samples: int = 8, seed: int = 0) -> np.ndarray | None:
-    """Per-layer output sensitivity from seeded synthetic inputs (no data): ``[n_layers]`` or None.
+def output_sensitivity(pkg, result, samples: int = 8, seed: int = 0) -> np.ndarray:
+    """Per-layer output sensitivity from seeded synthetic inputs (no data): ``[n_layers]``.
 
     For every PIM layer ``l``, the float model is run with only that layer's weight replaced by its
     quantised version in ``result`` (a probe allocation); the factor is the relative output error
     ``||y_l - y||^2 / ||y||^2`` divided by the layer's relative weight error ``||dW||^2 / ||W||^2``,
     i.e. how much of a layer's weight error reaches the network output.  Normalised to geometric
-    mean 1.  None for models with integer inputs (nothing to synthesise).
+    mean 1.
     """
     from ..core.tiling import unroll
 
     layers = pkg.manifest["layers"]
     feeds_list = synthetic_feeds(pkg, samples, seed)
-    if feeds_list is None:
-        return None
 
-    def outputs() -> np.ndarray:
-        return np.concatenate([np.concatenate([np.asarray(o, np.float64).ravel() for o in pkg.run(f, "float")])
-                               for f in feeds_list])
+    def outputs(weights=None) -> np.ndarray:
+        return np.concatenate([np.concatenate([np.asarray(o, np.float64).ravel()
+                                               for o in pkg.run(f, "float", weights=weights)]) for f in feeds_list])
 
     y0 = outputs()
     e0 = max(float(y0 @ y0), 1e-300)
-    cache = pkg.__dict__.setdefault("_runtime_cache", {})
     factor = np.ones(len(layers))
     for li, lay in enumerate(layers):
         w = np.asarray(result.tiles.layers[li].weight, np.float64)
@@ -186,15 +178,8 @@ def output_sensitivity(pkg, result, samples: int = 8, seed: int = 0) -> np.ndarr
         rel_w = float(((wq - w) ** 2).sum() / max((w ** 2).sum(), 1e-300))
         if rel_w <= 0:
             continue
-        key = ("float", str(lay["id"]))
-        saved = cache.pop(key, None)
         kind = "conv2d" if lay["op"] == "conv2d" else "dense"
-        cache[key] = [np.ascontiguousarray(m, dtype=np.float64) for m in unroll(wq, kind, int(lay["groups"]))]
-        try:
-            d = outputs() - y0
-        finally:
-            cache.pop(key, None)
-            if saved is not None:
-                cache[key] = saved
+        mats = [np.ascontiguousarray(m, dtype=np.float64) for m in unroll(wq, kind, int(lay["groups"]))]
+        d = outputs({str(lay["id"]): mats}) - y0
         factor[li] = max(float(d @ d) / e0, 1e-30) / rel_w
     return factor / np.exp(np.log(factor).mean())
