@@ -43,9 +43,10 @@ def _imports(path: str) -> set[str]:
                 target = node.module or ""
             if target.startswith("psq_tvm"):
                 out.add(target)
-                for a in node.names:       # "from . import simulator" names a module
+                for a in node.names:       # "from . import simulator" names a module (or package)
                     cand = f"{target}.{a.name}"
-                    if os.path.exists(os.path.join(os.path.dirname(ROOT), *cand.split(".")) + ".py"):
+                    base = os.path.join(os.path.dirname(ROOT), *cand.split("."))
+                    if os.path.exists(base + ".py") or os.path.exists(os.path.join(base, "__init__.py")):
                         out.add(cand)
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("psq_tvm"))
