@@ -60,6 +60,30 @@ def test_batchnorm_input_stats_propagate_through_clip_relu_add():
     np.testing.assert_allclose(st["conv3"][1], arr["g2"] ** 2 + vr + mean3 ** 2)
 
 
+def test_activation_moments_through_real_style_graphs_match_sampling():
+    """BN -> HardSwish -> conv; BN -> swish (x * HardSigmoid(x)) -> * 0.5 + 1 -> conv: the propagated
+    E[x], E[x^2] per channel equal the moments of sampled N(beta, gamma^2) pushed through the same ops."""
+    r = np.random.default_rng(3)
+    g, b = r.uniform(0.5, 2.5, 4), r.normal(0, 1.5, 4)
+    inits = [nh.from_array(g.astype(np.float32), "g"), nh.from_array(b.astype(np.float32), "b"),
+             nh.from_array(np.zeros(4, np.float32), "m"), nh.from_array(np.ones(4, np.float32), "v"),
+             nh.from_array(r.standard_normal((4, 4, 1, 1)).astype(np.float32), "W"),
+             nh.from_array(np.array(0.5, np.float32), "half"), nh.from_array(np.array(1.0, np.float32), "one")]
+    nodes = [h.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["n"], name="bn", epsilon=0.0),
+             h.make_node("HardSwish", ["n"], ["hs"]), h.make_node("Conv", ["hs", "W"], ["y1"], name="conv_hs"),
+             h.make_node("HardSigmoid", ["n"], ["gate"], alpha=1 / 6, beta=0.5),
+             h.make_node("Mul", ["n", "gate"], ["sw"]), h.make_node("Mul", ["sw", "half"], ["sw2"]),
+             h.make_node("Add", ["sw2", "one"], ["sw3"]), h.make_node("Conv", ["sw3", "W"], ["y2"], name="conv_sw")]
+    m = model(nodes, [vi("x", [1, 4, 3, 3])], [vi("y1", [1, 4, 3, 3]), vi("y2", [1, 4, 3, 3])], inits, opset=14)
+    st = batchnorm_input_stats(m)
+    x = r.normal(b, g, size=(1_000_000, 4))
+    hs = x * np.clip(x / 6 + 0.5, 0, 1)
+    sw = x * np.clip(x / 6 + 0.5, 0, 1) * 0.5 + 1.0
+    for name, y in (("conv_hs", hs), ("conv_sw", sw)):
+        np.testing.assert_allclose(st[name][0], y.mean(0), atol=5e-3)
+        np.testing.assert_allclose(st[name][1], (y * y).mean(0), rtol=5e-3, atol=5e-3)
+
+
 def test_bn_bias_correction_and_sensitivity_in_compile():
     m, _ = _bn_model()
     spec = preset("isaac", rows=32, cols=32)

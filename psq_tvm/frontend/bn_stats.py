@@ -7,7 +7,12 @@ BatchNorm and the next conv / Gemm gives each layer's per-channel input mean ``E
 moment ``E[x^2]`` without any data (Nagel et al., "Data-Free Quantization", ICCV 2019):
 
 * ``Relu`` and ``Clip(lo, hi)`` (ReLU6): moments of the clipped Gaussian, in closed form;
+* elementwise activations ``HardSwish``, ``HardSigmoid``, ``Sigmoid``, ``Tanh``, ``LeakyRelu``, ``Elu``,
+  ``Softplus``, and swish written as ``Mul(x, Sigmoid(x))`` / ``Mul(x, HardSigmoid(x))``: moments of
+  ``f(x)``, ``x ~ N(mean, var)``, by Gauss-Hermite quadrature (:func:`elementwise_moments`; moment
+  matching: the result is treated as Gaussian again downstream);
 * ``Add`` of two known branches: means add, variances add (branches taken independent);
+  ``Add``/``Sub``/``Mul``/``Div`` by a constant (scalar or per channel): the affine map;
 * ``Identity``, ``Dropout``, ``Pad``, ``AveragePool``, ``GlobalAveragePool``, and ``Flatten`` /
   ``Reshape`` that keep the channel count: the mean passes through (``Pad``'s zeros at the border
   and the variance reduction of pooling are ignored);
@@ -54,6 +59,46 @@ def clipped_gaussian_moments(mu: np.ndarray, var: np.ndarray, lo: float, hi: flo
     return m1, np.maximum(m2 - m1 ** 2, 0.0)
 
 
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite.hermgauss(64)
+
+
+def elementwise_moments(f, mu: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(E[f(x)], Var[f(x)])`` per channel for ``x ~ N(mu, var)``, by 64-point Gauss-Hermite quadrature."""
+    mu = np.asarray(mu, np.float64)[..., None]
+    sd = np.sqrt(np.maximum(np.asarray(var, np.float64), 0.0))[..., None]
+    y = f(mu + np.sqrt(2.0) * sd * _GH_NODES)
+    w = _GH_WEIGHTS / np.sqrt(np.pi)
+    m1 = y @ w
+    return m1, np.maximum((y * y) @ w - m1 ** 2, 0.0)
+
+
+def _attr(node, name: str, default: float) -> float:
+    return next((a.f for a in node.attribute if a.name == name), default)
+
+
+def _activation(node):
+    """The elementwise function of an activation node, or None."""
+    op = node.op_type
+    if op == "HardSigmoid":
+        a, b = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+        return lambda x: np.clip(a * x + b, 0.0, 1.0)
+    if op == "HardSwish":
+        return lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+    if op == "Sigmoid":
+        return lambda x: 0.5 * (1.0 + np.tanh(0.5 * x))
+    if op == "Tanh":
+        return np.tanh
+    if op == "LeakyRelu":
+        a = _attr(node, "alpha", 0.01)
+        return lambda x: np.where(x >= 0, x, a * x)
+    if op == "Elu":
+        a = _attr(node, "alpha", 1.0)
+        return lambda x: np.where(x >= 0, x, a * np.expm1(np.minimum(x, 0.0)))
+    if op == "Softplus":
+        return lambda x: np.logaddexp(0.0, x)
+    return None
+
+
 def batchnorm_input_stats(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{node name: (E[x], E[x^2])}`` per input channel for every Conv / Gemm / MatMul whose data input
     can be traced back to BatchNorms (see the module docstring); other layers are absent."""
@@ -77,6 +122,14 @@ def batchnorm_input_stats(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 if a.name == "value":
                     consts[n.output[0]] = numpy_helper.to_array(a.t)
     producer = {o: n for n in g.node for o in n.output}
+
+    def _gate_of(n):
+        """(x, gate node) when Mul node ``n`` is x * Sigmoid(x) or x * HardSigmoid(x)."""
+        for k in (0, 1):
+            gate = producer.get(n.input[k])
+            if gate is not None and gate.op_type in ("Sigmoid", "HardSigmoid") and gate.input[0] == n.input[1 - k]:
+                return n.input[1 - k], gate
+        return None
     memo: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
 
     def gauss(t: str, depth: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
@@ -112,10 +165,35 @@ def batchnorm_input_stats(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                             hi = float(v)
             if src is not None:
                 out = clipped_gaussian_moments(src[0], src[1], lo, hi)
-        elif n.op_type == "Add" and len(n.input) == 2:
+        elif n.op_type == "Add" and len(n.input) == 2 and all(const(i) is None for i in n.input):
             a, b = gauss(n.input[0], depth + 1), gauss(n.input[1], depth + 1)
             if a is not None and b is not None and a[0].shape == b[0].shape:
                 out = (a[0] + b[0], a[1] + b[1])
+        elif _activation(n) is not None:
+            src = gauss(n.input[0], depth + 1)
+            if src is not None:
+                out = elementwise_moments(_activation(n), *src)
+        elif n.op_type == "Mul" and len(n.input) == 2 and _gate_of(n) is not None:
+            x, gate = _gate_of(n)                 # swish: x * sigmoid(x) / x * hardsigmoid(x)
+            src = gauss(x, depth + 1)
+            if src is not None:
+                out = elementwise_moments(lambda v, g=_activation(gate): v * g(v), *src)
+        elif n.op_type in ("Add", "Sub", "Mul", "Div") and len(n.input) == 2 and \
+                sum(const(i) is not None for i in n.input) == 1:
+            k = 0 if const(n.input[0]) is not None else 1
+            c = np.asarray(const(n.input[k]), np.float64)
+            src = gauss(n.input[1 - k], depth + 1)
+            if src is not None and (c.size == 1 or c.size == src[0].size) and not (n.op_type == "Div" and k == 0):
+                c = c.reshape(-1) if c.size > 1 else c.reshape(())
+                mu, var = src
+                if n.op_type == "Add":
+                    out = (mu + c, var)
+                elif n.op_type == "Sub":
+                    out = (mu - c, var) if k == 1 else (c - mu, var)
+                elif n.op_type == "Mul":
+                    out = (mu * c, var * c * c)
+                elif np.all(c != 0):
+                    out = (mu / c, var / (c * c))
         elif n.op_type in _PASS:
             out = gauss(n.input[0], depth + 1)
         memo[t] = out

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Evidence for the fidelity guard's threshold: the data-free output SQNR the compile measures, next to the
+real quality on the workload's data, at a grid of crossbar budgets.
+
+    .venv/bin/python scripts/eval/fidelity_calibration.py WORKLOAD [--objective mse --granularity column]
+
+For one workload and one search family it runs the compile pipeline up to the candidate table (the same
+code as ``tvmc compile``), then for every reduction of the grid allocates the bitwidths, applies the
+family's bias correction and measures (a) the output SQNR on the compile's seeded synthetic inputs (what
+``--psq-budget auto`` and the guard see) and (b) the workload's real metrics over the whole evaluation
+set (fake-quantised weights written into the ONNX model, run with TVM, as the sweep does).  The same two
+measures for per-output-channel 8-bit RTN (``rtn8-channel``, the quality reference) come first.  Writes
+``docs/results/<workload>_fidelity_calibration.json``; ``--summary`` prints the threshold each rule
+would need across every workload that has a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import methods as M  # noqa: E402
+import sweep as S  # noqa: E402
+import workloads as W  # noqa: E402
+
+GRID = (2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0, 6.0)
+
+
+def quality_ok(workload: str, m: dict, float_m: dict, ref_m: dict) -> bool:
+    """Issue 12's bar: at least rtn8-channel's quality (agreement and KL), or the task criterion."""
+    if workload in ("fashion", "mnist_digits"):
+        return float_m["top1"] - m["top1"] <= 0.003 + 1e-12
+    if workload.startswith("minilm"):
+        return float_m["spearman"] - m["spearman"] <= 0.005 + 1e-12
+    return m["agree_top1"] >= ref_m["agree_top1"] - 1e-12 and m["kl_mean"] <= ref_m["kl_mean"] + 1e-12
+
+
+def run(args) -> dict:
+    import onnx
+
+    from psq_tvm.core.allocation import Budget, BudgetError, allocate_budget
+    from psq_tvm.core.quant import uniform_crossbars
+    from psq_tvm.core.search import quant_result
+    from psq_tvm.frontend.onnx_import import fold_batchnorm
+    from psq_tvm.targets import fidelity as F
+    from psq_tvm.targets.pipeline import CompileContext, CompileOptions, Pipeline, _corrections
+
+    wl = W.get_workload(args.workload)
+    onnx_path = wl.onnx_path()
+    opts = CompileOptions(objective=args.objective, granularity=args.granularity, sensitivity=args.sensitivity,
+                          bias_correction=args.bias_correction, budget="reduction=4",
+                          input_shapes={k: list(v) for k, v in wl.input_shapes.items()})
+    ctx = CompileContext(str(onnx_path), opts, say=lambda m: S.log(m))
+    Pipeline.default().run(ctx, until="candidates")
+    tiles, spec = ctx.tiles, ctx.spec
+    u16 = uniform_crossbars(tiles, spec, 16)
+    model = fold_batchnorm(onnx.load(str(onnx_path)))           # the PIM weights are the BN-folded ones
+    mapping = M.match_initializers(model, tiles.layers)
+    cache = S.SWEEP_CACHE / f"{args.workload}_isaac"
+    cache.mkdir(parents=True, exist_ok=True)
+    ref_f = cache / "float.npz"
+    if ref_f.exists():
+        ref = np.load(ref_f)["out"]
+    else:
+        ref = wl._concat(wl.run_tvm(model))
+        np.savez(ref_f, out=ref, run_s=0.0)
+    float_m = wl.metrics([ref], reference=ref)
+
+    def real(weights, deltas) -> dict:
+        res = M.MethodResult("calib", "calib", weights, 0, 0.0, 0.0, {}, bias_deltas=deltas)
+        return S.evaluate(wl, model, mapping, res, ref, cache, "calib_")[0]
+
+    t0 = time.perf_counter()
+    rtn = M.rtn_per_channel(tiles, spec, 8)
+    ref_row = {"method": "rtn8-channel", "crossbars": rtn.crossbars, "reduction": u16 / rtn.crossbars,
+               "synthetic": ctx.reference_rtn8(), "real": real(rtn.weights, None)}
+    S.log(f"rtn8-channel: synthetic SQNR {ref_row['synthetic']['sqnr_db']:.1f} dB; real {ref_row['real']}")
+    rows = []
+    for r in GRID:
+        try:
+            choice, _ = allocate_budget(ctx.candidates, tiles, spec, Budget("reduction", r))
+        except BudgetError as e:
+            S.log(f"{r}x: {e}")
+            continue
+        res = quant_result(ctx.candidates, tiles, spec, choice, args.objective)
+        corr = _corrections(ctx, res)
+        w, b = ctx.weights_of(res, corr)
+        syn = ctx.probe().output_metrics(w, b)
+        m = real([res.dequantized(li) for li in range(len(tiles.layers))], corr)
+        row = {"reduction_budget": r, "crossbars": int(res.crossbars), "reduction": u16 / res.crossbars,
+               "synthetic": syn, "real": m, "ok": quality_ok(args.workload, m, float_m, ref_row["real"])}
+        rows.append(row)
+        S.log(f"{r}x ({res.crossbars} xbars): synthetic SQNR {syn['sqnr_db']:.1f} dB (rtn8 "
+              f"{ref_row['synthetic']['sqnr_db']:.1f}); real {wl.primary_metric} {m[wl.primary_metric]:.4f}"
+              f"{' KL %.4f' % m['kl_mean'] if 'kl_mean' in m else ''}; ok={row['ok']}")
+    return {"workload": args.workload, "family": {"objective": args.objective, "granularity": args.granularity,
+                                                  "sensitivity": args.sensitivity,
+                                                  "bias_correction": args.bias_correction},
+            "synthetic_inputs": ctx.probe().source, "fidelity_samples": F.FIDELITY_SAMPLES, "float": float_m,
+            "rtn8_channel": ref_row, "points": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def summary(outdir: Path, family: str) -> None:
+    """Per workload: the largest reduction that keeps the quality bar, and the synthetic-SQNR thresholds
+    (absolute, and relative to rtn8) that would make ``auto`` stop at or below it."""
+    print(f"{'workload':<16} {'best ok':>8} {'need abs dB >':>14} {'need rtn8-D, D <':>17} {'auto@abs':>9}")
+    for f in sorted(outdir.glob(f"*_fidelity_calibration{family}.json")):
+        d = json.loads(f.read_text())
+        pts = sorted(d["points"], key=lambda p: p["crossbars"])
+        ref = d["rtn8_channel"]["synthetic"]["sqnr_db"]
+        ok = [p for p in pts if p["ok"]]
+        best = max((p["reduction"] for p in ok), default=float("nan"))
+        # a threshold must exclude every failing point with fewer crossbars than the best passing one... and
+        # in a descending scan, the first failure stops the scan: the threshold must be above the SQNR of
+        # the first failing point reached from the top
+        first_fail = next((p for p in reversed(pts) if not p["ok"]), None)
+        need = first_fail["synthetic"]["sqnr_db"] if first_fail else -math.inf
+        print(f"{d['workload']:<16} {best:>8.2f} {need:>14.1f} {ref - need:>17.1f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("workload", nargs="?")
+    ap.add_argument("--objective", default="mse")
+    ap.add_argument("--granularity", default="column")
+    ap.add_argument("--sensitivity", default="none")
+    ap.add_argument("--bias-correction", default="bn")
+    ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
+    ap.add_argument("--summary", action="store_true")
+    args = ap.parse_args(argv)
+    fam = f"_{args.objective}-{args.granularity}-{args.sensitivity}-{args.bias_correction}"
+    out = Path(args.out)
+    if args.summary:
+        summary(out, fam)
+        return 0
+    res = run(args)
+    W.write_json(out / f"{args.workload}_fidelity_calibration{fam}.json", res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
