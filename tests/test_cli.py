@@ -217,3 +217,45 @@ def test_run_bad_inputs(compiled, files, capsys, case, needle):
         np.savez(p, a=x, b=x)
     rc, out, err = run_cli(capsys, "run", compiled, "--inputs", p, "--mode", "sim", "-q")
     assert rc != 0 and err.startswith("tvmc: error:") and needle in err and err.count("\n") == 1
+
+
+def test_verify_passes_on_a_default_compiled_batchnorm_model(capsys, tmp_path):
+    """Regression: golden includes the layer's bias correction (default --psq-bias-correction bn), so a
+    BatchNorm model compiled with the defaults verifies (it used to exit 3 on every such model)."""
+    from test_bn_stats import _bn_model
+
+    m, _ = _bn_model()
+    onnx.save(m, tmp_path / "bn.onnx")
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "bn.onnx", "-o", tmp_path / "bn.tar", "-q")
+    assert rc == 0, err
+    from psq_tvm.runtime.package import load
+    pkg = load(tmp_path / "bn.tar")
+    assert any(l["bias_correction"] for l in pkg.layers)          # the case that used to fail
+    rc, out, err = run_cli(capsys, "run", tmp_path / "bn.tar", "--verify", "--mode", "sim")
+    assert rc == 0, out + err
+    assert "PASS sim vs golden" in out and "sim vs float loss" in out
+
+
+def test_max_loss_fails_an_over_compressed_model_with_its_own_exit_code(capsys, files, tmp_path):
+    """A model squeezed to 2-bit tiles is far from float: --verify --max-loss exits 4 and says why; a
+    generous bound passes (exit 0) on the same package; a bad bound is a usage error (exit 1)."""
+    pkg_path = tmp_path / "tiny.tar"
+    rc, _, err = run_cli(capsys, "compile", files / "m.onnx", "-o", pkg_path, "-q", "--psq-bits", "2",
+                         "--psq-budget", "avg-bits=2", "--target-pim-psq-adc-bits", "none")
+    assert rc == 0, err
+    x = np.random.default_rng(5).standard_normal((40, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    rc, out, _ = run_cli(capsys, "run", pkg_path, "--inputs", tmp_path / "x.npz", "--verify",
+                         "--max-loss", "cosine=0.0001")
+    assert rc == 4, out
+    assert "FAIL sim vs float: cosine loss" in out
+    # the loss it printed, recomputed independently from float and sim outputs
+    from psq_tvm.runtime.package import load
+    pkg = load(pkg_path)
+    f, s = pkg.run_batched(x, "float").astype(np.float64).ravel(), pkg.run_batched(x, "sim").astype(np.float64).ravel()
+    loss = 1 - f @ s / (np.linalg.norm(f) * np.linalg.norm(s))
+    assert loss > 1e-4 and f"cosine {loss:.4g}" in out
+    rc, out, _ = run_cli(capsys, "run", pkg_path, "--inputs", tmp_path / "x.npz", "--verify", "--max-loss", "cosine=1")
+    assert rc == 0 and "PASS sim vs float" in out
+    rc, _, err = run_cli(capsys, "run", pkg_path, "--inputs", tmp_path / "x.npz", "--max-loss", "nonsense=1")
+    assert rc == 1 and "cannot parse --max-loss" in err

@@ -78,7 +78,31 @@ def format_table(rep: dict[str, Any]) -> str:
     lines.append(f"PIM layers: {rep.get('n_pim_layers', 0)}   host layers: {rep.get('n_host_layers', 0)}")
     for h in rep.get("host_layers", []):
         lines.append(f"  host: {h['name']} ({h['op']}): {h['reason']}")
+    lines += format_fidelity(rep.get("fidelity"))
     return "\n".join(lines)
+
+
+def format_fidelity(fid: dict[str, Any] | None) -> list[str]:
+    """Text lines of the report's ``fidelity`` section (the quantised model against float)."""
+    if not fid:
+        return []
+    o, t = fid["output"], fid["threshold"]
+    verdict = "meets" if fid.get("meets_threshold") else "BELOW"
+    out = [f"fidelity vs float on {fid['inputs']}: output SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.5f}"
+           + (f", top-1 agreement {o['top1_agreement']:.3f}" if "top1_agreement" in o else "")
+           + f"; {verdict} the threshold {t['sqnr_db']:.1f} dB ({t['rule']})"]
+    ref = fid.get("reference_rtn8_channel")
+    if ref:
+        out.append(f"  per-channel 8-bit RTN on the same inputs: output SQNR {ref['sqnr_db']:.1f} dB, "
+                   f"cosine {ref['cosine']:.5f}")
+    auto = fid.get("auto_budget")
+    if auto:
+        pts = ", ".join(f"{p['crossbars']}:{p['sqnr_db']:.1f}" for p in auto["points"])
+        out.append(f"  auto budget: {auto['chosen_crossbars']} crossbars ({auto['why']}); tried crossbars:dB {pts}")
+    worst = sorted(fid.get("layers", []), key=lambda r: r["sqnr_db"])[:5]
+    if worst:
+        out.append("  lowest per-layer SQNR: " + ", ".join(f"{r['name']} {r['sqnr_db']:.1f} dB" for r in worst))
+    return out
 
 
 def plot(rep: dict[str, Any], path: str) -> str:
@@ -89,7 +113,10 @@ def plot(rep: dict[str, Any], path: str) -> str:
     import matplotlib.pyplot as plt
 
     layers = rep.get("pim_layers", [])
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(layers) + 3), 7), constrained_layout=True)
+    fid = rep.get("fidelity")
+    n = 3 if fid else 2
+    fig, axes = plt.subplots(n, 1, figsize=(max(6, 0.35 * len(layers) + 3), 3.5 * n), constrained_layout=True)
+    ax1, ax2 = axes[0], axes[1]
     for k, l in enumerate(layers):
         b = np.asarray(l["tile_bits"])
         jitter = (np.arange(len(b)) / max(len(b), 1) - 0.5) * 0.6
@@ -109,6 +136,16 @@ def plot(rep: dict[str, Any], path: str) -> str:
         ax.set_xticklabels([l["name"] for l in layers], rotation=70, fontsize=7)
     c = rep["crossbars"]
     ax2.set_title(f"crossbars per layer (model total: PSQ {c['psq']}, u16 {c['uniform16']}, u8 {c['uniform8']})")
+    if fid:
+        ax3 = axes[2]
+        by_name = {r["name"]: r["sqnr_db"] for r in fid.get("layers", [])}
+        ax3.bar(x, [by_name.get(l["name"], np.nan) for l in layers], color="tab:green")
+        ax3.set_ylabel("layer output SQNR (dB)")
+        o = fid["output"]
+        ax3.set_title(f"fidelity vs float: model output SQNR {o['sqnr_db']:.1f} dB "
+                      f"(threshold {fid['threshold']['sqnr_db']:.1f} dB)", fontsize=9)
+        ax3.set_xticks(x)
+        ax3.set_xticklabels([l["name"] for l in layers], rotation=70, fontsize=7)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .. import __version__
-from ..core.allocation import Budget, BudgetError, allocate_budget, allocate_tolerance
+from ..core.allocation import Budget, allocate_budget, allocate_tolerance
 from ..core.candidates import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConfig, evaluate_candidates
 from ..core.crossbar import CrossbarSpec, parse_bits
 from ..core.report import build_report
@@ -58,8 +58,10 @@ TARGETS = ("pim-psq", "llvm")
 DEFAULT_COMPILE_BUDGET = "auto"
 #: where statistics may come from (``calib``: the user's --calib-inputs)
 STAT_KINDS = ("synthetic", "bn", "calib")
-#: relative precision of the auto budget's crossbar count (bisection stops within this share)
-AUTO_PRECISION = 0.02
+#: the auto budget scans crossbar budgets n_top / step (n_top: every tile at its least distortion) ...
+AUTO_STEPS = (1.1, 1.2, 1.3, 1.45, 1.6, 1.8, 2.0, 2.25, 2.5, 2.8, 3.2, 3.6, 4.0, 5.0)
+#: ... then bisects between the last pass and the first failure to this relative precision
+AUTO_PRECISION = 0.03
 
 
 class CompileError(ValueError):
@@ -368,7 +370,7 @@ def stage_candidates(ctx: CompileContext) -> None:
 def stage_allocate(ctx: CompileContext) -> None:
     """Bitwidths under the budget or tolerance (fills ``result``; ``auto_budget`` for ``auto``)."""
     o = ctx.options
-    t0 = time.perf_counter()
+    t0, fid0 = time.perf_counter(), ctx.timing.get("fidelity_seconds", 0.0)
     if o.tolerance is not None:
         choice, note = allocate_tolerance(ctx.candidates, o.tolerance), f"tolerance {o.tolerance:g}"
     elif o.auto:
@@ -376,7 +378,8 @@ def stage_allocate(ctx: CompileContext) -> None:
     else:
         choice, note = allocate_budget(ctx.candidates, ctx.tiles, ctx.spec, Budget.parse(o.budget))
     ctx.result = quant_result(ctx.candidates, ctx.tiles, ctx.spec, choice, o.objective, note=note)
-    ctx.timing["search_seconds"] = ctx.timing.get("search_seconds", 0.0) + time.perf_counter() - t0
+    measuring = ctx.timing.get("fidelity_seconds", 0.0) - fid0          # auto: the fidelity runs, not search
+    ctx.timing["search_seconds"] = ctx.timing.get("search_seconds", 0.0) + time.perf_counter() - t0 - measuring
     ctx.result.search_seconds = ctx.timing["search_seconds"]
     ctx.say(f"allocation: {note}")
 
@@ -541,23 +544,29 @@ def _corrections(ctx: CompileContext, result) -> list | None:
 
 
 def _auto_budget(ctx: CompileContext) -> tuple[np.ndarray, str]:
-    """The fewest crossbars whose output fidelity meets the threshold, by bisection over the crossbar budget
-    of the whole-model Lagrangian (each point: allocate, bias-correct, measure on the probe's inputs)."""
-    table, tiles, spec = ctx.candidates, ctx.tiles, ctx.spec
-    thr = ctx.threshold()["sqnr_db"]
-    cost = np.array([spec.slices(b) * spec.polarities for b in table.bits])
+    """The fewest crossbars whose output fidelity meets the threshold, over the whole-model Lagrangian.
+
+    Each point allocates for a crossbar budget, applies the bias correction and measures the output
+    SQNR on the probe's inputs.  The scan goes down from the best allocation (every tile at its least
+    distortion) in steps of :data:`AUTO_STEPS` and stops at the first budget that fails; then bisection
+    between the last pass and that failure, to :data:`AUTO_PRECISION`.  Going down and stopping at the
+    first failure keeps the choice safe where fidelity is not monotone in the budget (a noisy measure).
+    """
     from ..core.packing import count_crossbars
 
-    def crossbars(choice) -> int:
-        return int(count_crossbars(tiles.nrows, tiles.ncols, cost[choice] // spec.polarities, spec.rows, spec.cols,
-                                   spec.polarities))
+    table, tiles, spec = ctx.candidates, ctx.tiles, ctx.spec
+    thr = ctx.threshold()["sqnr_db"]
+    slices = np.array([spec.slices(b) for b in table.bits])
 
-    top = np.argmin(table.distortion, axis=1)                          # best distortion, no budget
-    floor = np.lexsort((table.distortion, cost[None, :].repeat(len(table.distortion), 0)), axis=1)[:, 0]
+    def crossbars(choice) -> int:
+        return int(count_crossbars(tiles.nrows, tiles.ncols, slices[choice], spec.rows, spec.cols, spec.polarities))
+
+    top = np.argmin(table.distortion, axis=1)                               # least distortion, no budget
+    floor = np.lexsort((table.distortion, np.broadcast_to(slices, table.distortion.shape)), axis=1)[:, 0]
     n_top, n_floor = crossbars(top), crossbars(floor)
     points: dict[int, tuple[np.ndarray, float]] = {}
 
-    def evaluate(n: int, choice: np.ndarray | None = None) -> float:
+    def meets(n: int, choice: np.ndarray | None = None) -> bool:
         if n not in points:
             if choice is None:
                 choice = allocate_budget(table, tiles, spec, Budget("crossbars", n))[0]
@@ -566,25 +575,34 @@ def _auto_budget(ctx: CompileContext) -> tuple[np.ndarray, str]:
             points[n] = (choice, ctx.probe().output_metrics(w, b)["sqnr_db"])
             ctx.say(f"  auto budget: {crossbars(choice)} crossbars -> output SQNR {points[n][1]:.1f} dB "
                     f"(need {thr:.1f})")
-        return points[n][1]
+        return points[n][1] >= thr
 
     t0 = time.perf_counter()
-    ctx.say(f"auto budget: fewest crossbars with output SQNR >= {thr:.1f} dB ({ctx.threshold()['rule']}) "
+    ctx.say(f"auto budget: fewest crossbars with output SQNR >= {thr:.1f} dB ({ctx.threshold()['rule']}), "
             f"between {n_floor} and {n_top}")
-    if evaluate(n_top, top) < thr:
-        chosen, why = n_top, "threshold not reachable with the candidate bitwidths: best fidelity kept"
-    elif n_floor >= n_top or evaluate(n_floor, floor) >= thr:
-        chosen, why = n_floor, "threshold met by the smallest bitwidths"
+    if not meets(n_top, top):
+        chosen, why = n_top, "threshold not reached even by the best allocation: best fidelity kept"
     else:
-        lo, hi = n_floor, n_top                                        # lo fails, hi meets
-        while hi - lo > max(1, int(AUTO_PRECISION * hi)):
-            mid = int(round(np.sqrt(lo * hi)))
-            mid = min(max(mid, lo + 1), hi - 1)
-            if evaluate(mid) >= thr:
-                hi = mid
+        chosen, fail = n_top, None
+        for step in AUTO_STEPS:
+            n = max(n_floor, int(n_top / step))
+            if n >= chosen:
+                continue
+            if not meets(n, floor if n == n_floor else None):
+                fail = n
+                break
+            chosen = n
+            if n == n_floor:
+                break
+        while fail is not None and chosen - fail > max(1, int(AUTO_PRECISION * chosen)):
+            mid = int(round(np.sqrt(chosen * fail)))
+            mid = min(max(mid, fail + 1), chosen - 1)
+            if meets(mid):
+                chosen = mid
             else:
-                lo = mid
-        chosen, why = hi, f"fewest crossbars meeting it (within {AUTO_PRECISION:.0%})"
+                fail = mid
+        why = "smallest candidate bitwidths meet it" if chosen == n_floor else \
+            f"fewest crossbars meeting it (scan down, stop at the first failure; within {AUTO_PRECISION:.0%})"
     choice = points[chosen][0]
     ctx.timing["fidelity_seconds"] = ctx.timing.get("fidelity_seconds", 0.0) + time.perf_counter() - t0
     ctx.auto_budget = {"threshold_db": thr, "chosen_crossbars": crossbars(choice), "why": why,
