@@ -22,7 +22,8 @@ is what :mod:`psq_tvm.core.allocation` chooses bitwidths from.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -46,7 +47,8 @@ class SearchConfig:
     thresholds: int = 128       # CDF thresholds for cdf-kl (bins must be a multiple)
     weighting: str = "layer"    # how tile distortions are summed for the budget
     granularity: str = DEFAULT_GRANULARITY   # "tile": one scale per tile; "column": one per tile column (bitline)
-    column_bins: int = 128      # histogram bins per column when granularity == "column"
+    column_bins: int = 64       # histogram bins per column when granularity == "column" (a column has <= rows weights)
+    column_thresholds: int = 16  # CDF thresholds per column for cdf-kl (column_bins must be a multiple)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -55,10 +57,9 @@ class SearchConfig:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown scale granularity {self.granularity!r}; choose one of {GRANULARITIES}")
-        if self.column_bins < 16 or (self.granularity == "column" and self.objective == "cdf-kl"
-                                     and self.column_bins % self.thresholds):
-            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 (and a multiple of "
-                             f"thresholds ({self.thresholds}) for cdf-kl per column)")
+        if self.column_bins < 16 or self.column_thresholds < 2 or self.column_bins % self.column_thresholds:
+            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 and a multiple of "
+                             f"column_thresholds ({self.column_thresholds}, >= 2)")
         if self.n_scales < 1:
             raise ValueError(f"n_scales must be >= 1, got {self.n_scales}")
         if not 0.0 < self.min_clip <= 1.0:
@@ -73,14 +74,44 @@ class SearchConfig:
 
 
 _CACHE_ELEMENTS = 1 << 17
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
-def tile_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarray]:
+def negligible_below(bits: Sequence[int], ratios: np.ndarray) -> float:
+    """``max|w|`` below which a tile (or tile column) is treated as all zero.
+
+    A tile (column) whose ``max|w|`` is zero or below this value gets levels 0,
+    scale 1.0 and distortion 0.  The value is the smallest ``max|w|`` for which
+    every candidate scale ``r * max|w| / L`` is a normal float32
+    (``float32.tiny * L_max / r_min``, about 1e-35 for bits <= 8): levels are
+    computed in float32, and a subnormal scale has too few significant bits to
+    round weights to the nearest level.  Such weights (denormal channels left by
+    a folded BatchNorm with a vanishing gamma) change no output measurably.
+    """
+    L_max = 2 ** (max(bits) - 1) - 1
+    return _F32_TINY * L_max / float(np.min(ratios))
+
+
+def _bin_scale(mx: np.ndarray, bins: int, zero_below: float) -> np.ndarray:
+    """float32 ``bins / mx`` where ``mx`` is kept, 0 where it is zero or negligible.
+
+    Clamped to the float32 range: then ``|w| * inv <= mx * inv <= bins`` is
+    finite for every ``|w| <= mx`` (no inf, no 0 * inf = NaN, no negative index).
+    """
+    mx = np.asarray(mx, dtype=np.float64)
+    keep = (mx > 0) & (mx >= zero_below)
+    inv = np.divide(float(bins), mx, out=np.zeros_like(mx), where=keep)
+    return np.minimum(inv, _F32_MAX).astype(np.float32)
+
+
+def tile_histograms(tiles: ModelTiles, bins: int, zero_below: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile histograms of ``|w| / max|w|`` and per-tile ``max|w|``.
 
     Returns ``(hist [T, bins] float64 counts, maxabs [T] float64)``.  Bin ``k``
     holds ``k/bins <= |w|/max < (k+1)/bins`` (the maximum itself in the last bin).
-    An all-zero tile has ``maxabs == 0`` and all its weights in bin 0.
+    A tile with ``maxabs == 0`` or ``maxabs < zero_below`` (see
+    :func:`negligible_below`) has all its weights in bin 0.
     """
     T = tiles.n_tiles
     maxabs = np.zeros(T, dtype=np.float64)
@@ -93,8 +124,7 @@ def tile_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarra
                 a = np.abs(view, dtype=np.float32)
                 mx = a.max(axis=(1, 3))
                 maxabs[first + ids] = mx
-                inv = np.where(mx > 0, bins / np.where(mx > 0, mx, 1), 0).astype(np.float32)
-                a *= inv[:, None, :, None]
+                a *= _bin_scale(mx, bins, zero_below)[:, None, :, None]
                 idx = a.astype(np.int64)
                 np.minimum(idx, bins - 1, out=idx)
                 lo, hi = int(ids.min()), int(ids.max()) + 1
@@ -182,31 +212,212 @@ def distortion_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray,
     return out / (thresholds - 1)
 
 
-def column_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per tile-column histograms of ``|w| / max|w|_column``: ``([T * cols, bins], colmax [T, cols])``.
+def _column_blocks(matrix: np.ndarray, grid) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Regular blocks as ``[A, B, tc, tr]`` views (tile columns on axis 2, the column's rows last) with tile ids ``[A, B]``.
+
+    Built on :func:`tile_blocks`, so a conv's unrolled matrix (the transpose of a
+    contiguous array) is read in storage order: its tile columns are contiguous runs.
+    """
+    transposed = not matrix.flags.c_contiguous and matrix.T.flags.c_contiguous
+    for view, ids in tile_blocks(matrix, grid):
+        if transposed:            # [nc, tc, nr, tr], ids [nc, nr]
+            yield view.transpose(0, 2, 1, 3), ids
+        else:                     # [nr, tr, nc, tc], ids [nr, nc]
+            yield view.transpose(0, 2, 3, 1), ids
+
+
+def column_histograms(tiles: ModelTiles, bins: int, zero_below: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile-column histograms of ``|w| / max|w|_column``: ``([T * cols, bins] float32, colmax [T, cols])``.
 
     Row ``t * cols + c`` is column ``c`` of tile ``t``; columns beyond a ragged
-    tile's width are empty.
+    tile's width are empty.  A column whose max is zero or below ``zero_below``
+    has all its weights in bin 0.
     """
     T, C = tiles.n_tiles, tiles.cols
     colmax = np.zeros((T, C), dtype=np.float64)
-    counts = np.zeros(T * C * bins, dtype=np.int64)
+    counts = np.zeros((T, C, bins), dtype=np.float32)
     for _, _, m, grid, first in tiles.matrices():
-        for view, ids in canonical_blocks(m, grid):
-            a = np.abs(view, dtype=np.float32)
-            cm = a.max(axis=1)                                          # [nr, nc, tc]
-            tc = view.shape[3]
-            colmax[first + ids, :tc] = cm
-            inv = np.where(cm > 0, bins / np.where(cm > 0, cm, 1), 0).astype(np.float32)
-            a *= inv[:, None]
-            idx = a.astype(np.int64)
-            np.minimum(idx, bins - 1, out=idx)
-            lo, hi = int(ids.min()), int(ids.max()) + 1
-            col_id = (ids - lo)[:, :, None] * C + np.arange(tc)         # [nr, nc, tc]
-            idx += (col_id * bins)[:, None]
-            a0 = (first + lo) * C * bins
-            counts[a0:a0 + (hi - lo) * C * bins] += np.bincount(idx.ravel(), minlength=(hi - lo) * C * bins)
-    return counts.reshape(T * C, bins).astype(np.float32), colmax
+        for block, block_ids in _column_blocks(m, grid):
+            tc = block.shape[2]
+            step = max(1, _CACHE_ELEMENTS // (block[0].size or 1))
+            for i0 in range(0, block.shape[0], step):          # cache-sized pieces, whole tiles each
+                view, ids = block[i0:i0 + step], block_ids[i0:i0 + step]
+                a = np.abs(view, dtype=np.float32)              # [A, B, tc, tr]
+                cm = a.max(axis=3)                              # [A, B, tc]
+                colmax[first + ids, :tc] = cm
+                a *= _bin_scale(cm, bins, zero_below)[..., None]
+                idx = a.astype(np.int64)
+                np.minimum(idx, bins - 1, out=idx)
+                n_local = ids.size                              # local row = (local tile, column)
+                idx += ((np.arange(n_local).reshape(ids.shape)[:, :, None] * tc + np.arange(tc)) * bins)[..., None]
+                local = np.bincount(idx.ravel(order="K"), minlength=n_local * tc * bins).reshape(ids.shape + (tc, bins))
+                counts[first + ids, :tc] = local                # every tile lies in exactly one piece
+    return counts.reshape(T * C, bins), colmax
+
+
+# ------------------------------------------------------------------ per column
+# A tile column holds at most ``rows`` (128) weights, so a fine histogram per
+# column compresses nothing.  Per column the search uses a coarse histogram
+# (``column_bins``, 64) and evaluates it with candidate kernels that do not
+# represent a bin by its centre:
+#
+# * mse: the squared error averaged over each bin (weights uniform within a
+#   bin), ``E[bin, candidate]``; one float32 matrix product gives every
+#   candidate of every column.  Unlike bin centres this stays accurate when the
+#   quantisation step is finer than a bin (6-8 bits), where it tends to the
+#   rounding noise ``s**2 / 12``.
+# * cdf-kl: ``column_thresholds`` (16) thresholds on bin boundaries.  Every
+#   term ``(P - Q)(logit P - logit Q)`` reads the cumulative histogram at two
+#   boundaries ``(a, j)`` (``a`` the threshold, ``j`` the rounding boundary the
+#   candidate puts below it), and most (threshold, candidate) pairs have
+#   ``j == a`` (term 0) or share a pair with other candidates.  The distinct
+#   nonzero pairs of a bitwidth (a few dozen to ~250) are computed once per
+#   column, and a 0/1 matrix product sums them into every candidate: the same
+#   objective as the gather form, at matrix-product speed.
+# Ties (equal objectives up to float32 rounding) resolve to the least clipping.
+
+_COLUMN_CHUNK = 4096
+_TIE_RTOL = np.float32(1e-6)
+
+
+def _pick(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best candidate along the last axis of ``raw [..., S]`` (objectives >= 0): ``(value, index)``.
+
+    Candidates within a relative ~1e-6 resolve to the least clipping (the
+    first): the argmin runs on ``raw * (1 + 1e-6 k)``, which outweighs the
+    float32 rounding of the matrix products (~1e-7), so a column's choice does
+    not depend on the other columns in the product.
+    """
+    S = raw.shape[-1]
+    k = np.argmin(raw * (1 + _TIE_RTOL * np.arange(S, dtype=np.float32)), axis=-1)
+    return np.take_along_axis(raw, k[..., None], axis=-1)[..., 0], k
+
+
+@functools.lru_cache(maxsize=16)
+def _mse_bin_kernel(bins: int, bits: tuple[int, ...], ratios: tuple[float, ...], sub: int = 64) -> np.ndarray:
+    """``[bins, B * S]`` float32: squared error of every candidate averaged over each bin of ``|w|/max``."""
+    x = (np.arange(bins * sub) + 0.5) / (bins * sub)              # midpoint rule inside each bin
+    s, L = candidate_grid(bits, np.asarray(ratios))
+    q = _quantise_normalised(x[:, None, None], s[None], L[None, :, None])
+    err2 = ((x[:, None, None] - q) ** 2).reshape(bins, sub, -1).mean(axis=1)
+    return np.ascontiguousarray(err2, dtype=np.float32)
+
+
+def column_mse(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: sum of squared error (normalised units) at the best ratio ``[N, B]`` and that ratio's index."""
+    kern = _mse_bin_kernel(hist.shape[1], tuple(bits), tuple(float(r) for r in ratios))
+    B, S = len(bits), len(ratios)
+    val = np.empty((hist.shape[0], B), dtype=np.float64)
+    best = np.empty((hist.shape[0], B), dtype=np.int64)
+    for a in range(0, hist.shape[0], _COLUMN_CHUNK):
+        raw = (hist[a:a + _COLUMN_CHUNK] @ kern).reshape(-1, B, S)   # [chunk, B, S]
+        val[a:a + len(raw)], best[a:a + len(raw)] = _pick(raw)
+    return val, best
+
+
+def _boundary_indices(bins: int, bits: Sequence[int], ratios: np.ndarray, thresholds: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative-histogram indices of the thresholds ``[Th-1]`` and of ``F(|q| < t)`` per candidate ``[B, S, Th-1]``."""
+    tau = np.arange(1, thresholds) / thresholds
+    p_idx = np.arange(1, thresholds) * (bins // thresholds)           # exact bin boundaries
+    s, L = candidate_grid(bits, ratios)
+    J = np.ceil(tau[None, None, :] / s[:, :, None]) - 1
+    boundary = (J + 0.5) * s[:, :, None]
+    q_idx = np.clip(np.ceil(boundary * bins - 0.5), 0, bins).astype(np.int64)
+    q_idx = np.where(J >= L[:, None, None], bins, q_idx)             # every level below t: Q = 1
+    return p_idx, q_idx
+
+
+@functools.lru_cache(maxsize=16)
+def _cdf_pairs(bins: int, bits: tuple[int, ...], ratios: tuple[float, ...], thresholds: int):
+    """The (threshold, boundary) pairs whose term can be nonzero, laid out for :func:`column_cdf_kl`.
+
+    Returns ``(ranges, clip_row, clip_sel, per_bit)``: ``ranges`` lists, per threshold index
+    ``a`` (a cumulative-histogram index), the contiguous boundary range ``[lo, hi)``
+    covering its unclipped pairs, stored from row ``off`` of the term matrix
+    (``(a, lo, hi, off)``); the clipped pairs ``(a, bins)`` (``Q = 1``) are stored
+    from row ``clip_row``, one per threshold.  ``per_bit[b] = (rows, sel, c)``: the
+    unclipped term rows a bitwidth uses, the 0/1 matrix ``[S, len(rows)]`` summing
+    them into its candidates, and its clipping pattern ``clip_sel[c]``
+    (``[S, Th-1]``: thresholds above the clipping ratio; the same for every
+    bitwidth in exact arithmetic, so usually computed once).
+    """
+    p_idx, q_idx = _boundary_indices(bins, bits, np.asarray(ratios), thresholds)
+    P = np.broadcast_to(p_idx[None, None, :], q_idx.shape)
+    nz = q_idx != P
+    row = np.full(q_idx.shape, -1, dtype=np.int64)                  # term row of every (b, k, i)
+    ranges, off = [], 0
+    for i, a in enumerate(p_idx):
+        m = nz[:, :, i] & (q_idx[:, :, i] < bins)
+        if m.any():
+            lo, hi = int(q_idx[:, :, i][m].min()), int(q_idx[:, :, i][m].max()) + 1
+            ranges.append((int(a), lo, hi, off))
+            row[:, :, i] = np.where(m, off + q_idx[:, :, i] - lo, row[:, :, i])
+            off += hi - lo
+    clip_row = off
+    clip = nz & (q_idx == bins)                                     # [B, S, Th-1]: Q = 1
+    clip_sel, per_bit = [], []
+    for bi in range(len(bits)):
+        pattern = clip[bi].astype(np.float32)                       # [S, Th-1] over the clipped rows
+        for ci, known in enumerate(clip_sel):
+            if np.array_equal(known, pattern):
+                break
+        else:
+            ci = len(clip_sel)
+            clip_sel.append(pattern)
+        used = np.unique(row[bi][row[bi] >= 0])
+        sel = np.zeros((len(ratios), len(used)), dtype=np.float32)
+        k, i = np.nonzero(row[bi] >= 0)
+        sel[k, np.searchsorted(used, row[bi][k, i])] = 1.0
+        per_bit.append((used, sel, ci))
+    return tuple(ranges), clip_row, tuple(clip_sel), per_bit
+
+
+def _logit32(p: np.ndarray, eps: float) -> np.ndarray:
+    """``logit(clip(p, eps, 1 - eps))`` in float32 with one log (no log1p)."""
+    p = np.clip(p, np.float32(eps), np.float32(1 - eps))
+    q = np.subtract(np.float32(1), p)
+    np.divide(p, q, out=p)
+    return np.log(p, out=p)
+
+
+def column_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray, thresholds: int,
+                  eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: CDF divergence at the best ratio ``[N, B]`` and that ratio's index.
+
+    The objective is :func:`distortion_cdf_kl`'s with ``thresholds`` thresholds
+    (bin boundaries), evaluated as a sum over the distinct nonzero terms (see the
+    comment above) in a transposed layout (one row per cumulative-histogram index).
+    """
+    N, H = hist.shape
+    ranges, clip_row, clip_sel, per_bit = _cdf_pairs(H, tuple(bits), tuple(float(r) for r in ratios), thresholds)
+    p_idx = np.arange(1, thresholds) * (H // thresholds)
+    B = len(bits)
+    val = np.empty((N, B), dtype=np.float64)
+    best = np.empty((N, B), dtype=np.int64)
+    chunk = _COLUMN_CHUNK // 4
+    tri = np.tri(H + 1, H, -1, dtype=np.float32)                        # cdf[j] = sum of bins < j (exact integers)
+    terms = np.empty((clip_row + len(p_idx), chunk), dtype=np.float32)
+    for a0 in range(0, N, chunk):
+        h = hist[a0:a0 + chunk]
+        c = len(h)
+        cdf = tri @ h.T                                                 # [H+1, chunk] cumulative counts
+        n = cdf[H].copy()
+        cdf /= np.where(n > 0, n, 1)[None, :]
+        lg = _logit32(cdf.copy(), eps)
+        D = terms[:, :c]
+        for a, lo, hi, off in ranges:                                   # (P - Q)(logit P - logit Q)
+            d = np.subtract(cdf[a], cdf[lo:hi], out=D[off:off + hi - lo])
+            d *= lg[a] - lg[lo:hi]
+        d = np.subtract(cdf[p_idx], cdf[H], out=D[clip_row:])
+        d *= lg[p_idx] - lg[H]
+        clipped = [D[clip_row:].T @ cs.T for cs in clip_sel]           # [chunk, S] each
+        for bi, (used, sel, ci) in enumerate(per_bit):
+            raw = clipped[ci]
+            if len(used):
+                raw = np.take(D, used, axis=0).T @ sel.T + raw          # [chunk, S]
+            val[a0:a0 + c, bi], best[a0:a0 + c, bi] = _pick(raw)
+    return val / (thresholds - 1), best
 
 
 @dataclasses.dataclass
@@ -219,16 +430,21 @@ class CandidateTable:
     nsr: np.ndarray           # [T, B] tolerance measure (relative MSE or divergence)
     ratio: np.ndarray         # [T, B] chosen clipping ratio, or [T, cols, B] per column
     maxabs: np.ndarray        # [T], or [T, cols] per column
+    zero: np.ndarray | None = None   # like maxabs: True where the tile (column) is treated as all zero
 
     def scales(self, bits_index: np.ndarray) -> np.ndarray:
-        """Scale per tile ``[T]`` (or per tile column ``[T, cols]``) for the chosen bitwidth indices."""
+        """Scale per tile ``[T]`` (or per tile column ``[T, cols]``) for the chosen bitwidth indices.
+
+        Finite and > 0 everywhere: 1.0 for tiles (columns) treated as zero.
+        """
         t = np.arange(len(bits_index))
         L = np.array([2 ** (b - 1) - 1 for b in self.bits], dtype=np.float64)[bits_index]
         if self.ratio.ndim == 3:
             s = self.ratio[t, :, bits_index] * self.maxabs / L[:, None]
         else:
             s = self.ratio[t, bits_index] * self.maxabs / L
-        return np.where(self.maxabs > 0, s, 1.0)
+        zero = self.zero if self.zero is not None else ~(self.maxabs > 0)
+        return np.where(zero, 1.0, s)
 
 
 _ROW_CHUNK = 8192
@@ -253,27 +469,45 @@ def _best_ratio(hist: np.ndarray, bits: Sequence[int], config: SearchConfig) -> 
 
 def evaluate_candidates(tiles: ModelTiles, bits: Sequence[int], config: SearchConfig,
                         tile_importance: np.ndarray | None = None) -> CandidateTable:
-    """Score every (bitwidth, clipping ratio) of every tile and keep the best ratio per bitwidth."""
+    """Score every (bitwidth, clipping ratio) of every tile and keep the best ratio per bitwidth.
+
+    Tiles (columns) whose ``max|w|`` is zero or below :func:`negligible_below`
+    are treated as all zero: ratio 1, scale 1.0, objective and distortion 0.
+    """
     T, ratios = tiles.n_tiles, config.ratios
     n_w = tiles.n_weights.astype(np.float64)
+    zero_below = negligible_below(bits, ratios)
     if config.granularity == "tile":
         bins = config.bins
-        hist, maxabs = tile_histograms(tiles, bins)
+        hist, maxabs = tile_histograms(tiles, bins, zero_below)
+        zero = maxabs < zero_below
         val, best = _best_ratio(hist, bits, config)
+        best[zero] = 0
+        val[zero] = 0.0
         ratio = ratios[best]
         scale2 = (maxabs ** 2)[:, None]
+        centres = (np.arange(bins) + 0.5) / bins
+        energy = (hist @ centres ** 2) * scale2[:, 0]
         col_counts = None
     else:
         bins = config.column_bins
-        hist, maxabs = column_histograms(tiles, bins)
-        val, best = _best_ratio(hist, bits, config)
+        hist, maxabs = column_histograms(tiles, bins, zero_below)
+        zero = maxabs < zero_below                                    # [T, cols]
+        live = np.flatnonzero(~zero.ravel())
+        val = np.zeros((hist.shape[0], len(bits)), dtype=np.float64)
+        best = np.zeros((hist.shape[0], len(bits)), dtype=np.int64)
+        if config.objective == "mse":
+            val[live], best[live] = column_mse(hist[live], bits, ratios)
+        else:
+            val[live], best[live] = column_cdf_kl(hist[live], bits, ratios, config.column_thresholds)
         ratio = ratios[best].reshape(T, tiles.cols, len(bits))
         scale2 = (maxabs ** 2).reshape(-1, 1)
-        col_counts = hist.sum(axis=1, dtype=np.float64)
-    centres = (np.arange(bins) + 0.5) / bins
+        edges = np.arange(bins + 1) / bins                            # E[x^2] of a uniform bin
+        bin_x2 = (edges[:-1] ** 2 + edges[:-1] * edges[1:] + edges[1:] ** 2) / 3
+        energy = np.where(zero.ravel(), 0.0, (hist @ bin_x2.astype(np.float32)) * scale2[:, 0])
+        col_counts = np.where(zero.ravel(), 0.0, hist.sum(axis=1, dtype=np.float64))
     if config.objective == "mse":
         err = val * scale2                                            # sum of squared error, weight units
-        energy = (hist @ centres ** 2).astype(np.float64) * scale2[:, 0]
         if col_counts is not None:
             err = err.reshape(T, tiles.cols, len(bits)).sum(axis=1)
             energy = energy.reshape(T, tiles.cols).sum(axis=1)
@@ -292,8 +526,8 @@ def evaluate_candidates(tiles: ModelTiles, bits: Sequence[int], config: SearchCo
         distortion = div * share[:, None]
     if tile_importance is not None:
         distortion = distortion * np.asarray(tile_importance, dtype=np.float64)[:, None]
-    zero = (maxabs.reshape(T, -1).max(axis=1) == 0)
-    objective[zero] = 0.0
-    distortion[zero] = 0.0
-    nsr = np.where(zero[:, None], 0.0, nsr)
-    return CandidateTable(tuple(bits), objective, distortion, nsr, ratio, maxabs)
+    tile_zero = zero.reshape(T, -1).all(axis=1)
+    objective = np.where(tile_zero[:, None], 0.0, objective)
+    distortion = np.where(tile_zero[:, None], 0.0, distortion)
+    nsr = np.where(tile_zero[:, None], 0.0, nsr)
+    return CandidateTable(tuple(bits), objective, distortion, nsr, ratio, maxabs, zero)
