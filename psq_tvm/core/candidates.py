@@ -17,6 +17,20 @@ size: one pass over the weights builds all histograms, and every candidate of
 every tile is then evaluated at once (a matrix product for ``mse``, gathers on
 the cumulative histogram for ``cdf-kl``).  The result, a :class:`CandidateTable`,
 is what :mod:`psq_tvm.core.allocation` chooses bitwidths from.
+
+Per tile column (``granularity="column"``, one scale per bitline, the
+bitwidth per tile) a column holds at most ``rows`` weights, so the search uses
+a coarse histogram per column (``column_bins``) with kernels that do not
+represent a bin by its centre, and ``column_thresholds`` CDF thresholds for
+``cdf-kl`` (see :func:`column_mse`, :func:`column_cdf_kl`).
+
+Zero and negligible weights: a tile (column) whose ``max|w|`` is 0 or below
+:func:`negligible_below` (~1e-35 for bits <= 8: every candidate scale must be
+a normal float32) is treated as all zero -- scale 1.0, levels 0, objective and
+distortion 0 -- instead of being quantised with a subnormal scale.  Histogram
+normalisation never overflows, so denormal or all-zero channels (BatchNorm
+folded with a vanishing gamma) cannot produce inf/NaN bins.  NaN/Inf weights
+are rejected earlier (:func:`psq_tvm.core.tiling.check_weight`).
 """
 
 from __future__ import annotations
@@ -93,16 +107,19 @@ def negligible_below(bits: Sequence[int], ratios: np.ndarray) -> float:
     return _F32_TINY * L_max / float(np.min(ratios))
 
 
-def _bin_scale(mx: np.ndarray, bins: int, zero_below: float) -> np.ndarray:
-    """float32 ``bins / mx`` where ``mx`` is kept, 0 where it is zero or negligible.
+_BELOW_BINS = 1.0 - 2.0 ** -20      # |w| * bins / max * this < bins even after float32 rounding
+
+
+def _bin_scale(mx: np.ndarray, bins: int, zero_below: float, shrink: float = 1.0) -> np.ndarray:
+    """float32 ``bins / mx`` (times ``shrink``) where ``mx`` is kept, 0 where it is zero or negligible.
 
     Clamped to the float32 range: then ``|w| * inv <= mx * inv <= bins`` is
     finite for every ``|w| <= mx`` (no inf, no 0 * inf = NaN, no negative index).
     """
     mx = np.asarray(mx, dtype=np.float64)
     keep = (mx > 0) & (mx >= zero_below)
-    inv = np.divide(float(bins), mx, out=np.zeros_like(mx), where=keep)
-    return np.minimum(inv, _F32_MAX).astype(np.float32)
+    inv = np.divide(bins * shrink, mx, out=np.zeros_like(mx), where=keep)
+    return np.minimum(inv, _F32_MAX * shrink).astype(np.float32)
 
 
 def tile_histograms(tiles: ModelTiles, bins: int, zero_below: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -226,33 +243,79 @@ def _column_blocks(matrix: np.ndarray, grid) -> Iterator[tuple[np.ndarray, np.nd
             yield view.transpose(0, 2, 3, 1), ids
 
 
+def _column_pieces(tiles: ModelTiles, bins: int, zero_below: float
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Histograms of ``|w| / max|w|_column`` per cache-sized piece of whole tiles.
+
+    Yields ``(rows, colmax, hist)``: global row ids ``t * cols + c`` ``[n]``,
+    the columns' ``max|w|`` ``[n]`` (float32) and their histograms ``[n, bins]``
+    (float32 counts).  A column whose max is zero or below ``zero_below`` has
+    all its weights in bin 0.
+    """
+    C = tiles.cols
+    for _, _, m, grid, first in tiles.matrices():
+        for block, block_ids in _column_blocks(m, grid):
+            tc = block.shape[2]
+            step = max(1, _CACHE_ELEMENTS // (block[0].size or 1))
+            for i0 in range(0, block.shape[0], step):          # whole tiles in every piece
+                view, ids = block[i0:i0 + step], block_ids[i0:i0 + step]
+                a = np.abs(view, dtype=np.float32)              # [A, B, tc, tr]
+                cm = a.max(axis=3)                              # [A, B, tc]
+                a *= _bin_scale(cm, bins, zero_below, _BELOW_BINS)[..., None]   # < bins: no clamp pass
+                idx = a.astype(np.intp)
+                n_local = ids.size * tc                         # local row = (local tile, column)
+                idx += (np.arange(0, n_local * bins, bins).reshape(cm.shape))[..., None]
+                hist = np.bincount(idx.ravel(order="K"), minlength=n_local * bins).reshape(n_local, bins)
+                rows = ((first + ids)[:, :, None] * C + np.arange(tc)).ravel()
+                yield rows, cm.ravel(), hist.astype(np.float32)
+
+
 def column_histograms(tiles: ModelTiles, bins: int, zero_below: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Per tile-column histograms of ``|w| / max|w|_column``: ``([T * cols, bins] float32, colmax [T, cols])``.
 
     Row ``t * cols + c`` is column ``c`` of tile ``t``; columns beyond a ragged
     tile's width are empty.  A column whose max is zero or below ``zero_below``
-    has all its weights in bin 0.
+    has all its weights in bin 0.  (The search itself evaluates every piece as
+    it is built, without this [T * cols, bins] array.)
     """
     T, C = tiles.n_tiles, tiles.cols
-    colmax = np.zeros((T, C), dtype=np.float64)
-    counts = np.zeros((T, C, bins), dtype=np.float32)
-    for _, _, m, grid, first in tiles.matrices():
-        for block, block_ids in _column_blocks(m, grid):
-            tc = block.shape[2]
-            step = max(1, _CACHE_ELEMENTS // (block[0].size or 1))
-            for i0 in range(0, block.shape[0], step):          # cache-sized pieces, whole tiles each
-                view, ids = block[i0:i0 + step], block_ids[i0:i0 + step]
-                a = np.abs(view, dtype=np.float32)              # [A, B, tc, tr]
-                cm = a.max(axis=3)                              # [A, B, tc]
-                colmax[first + ids, :tc] = cm
-                a *= _bin_scale(cm, bins, zero_below)[..., None]
-                idx = a.astype(np.int64)
-                np.minimum(idx, bins - 1, out=idx)
-                n_local = ids.size                              # local row = (local tile, column)
-                idx += ((np.arange(n_local).reshape(ids.shape)[:, :, None] * tc + np.arange(tc)) * bins)[..., None]
-                local = np.bincount(idx.ravel(order="K"), minlength=n_local * tc * bins).reshape(ids.shape + (tc, bins))
-                counts[first + ids, :tc] = local                # every tile lies in exactly one piece
-    return counts.reshape(T * C, bins), colmax
+    colmax = np.zeros(T * C, dtype=np.float64)
+    counts = np.zeros((T * C, bins), dtype=np.float32)
+    for rows, cm, hist in _column_pieces(tiles, bins, zero_below):
+        colmax[rows] = cm
+        counts[rows] = hist
+    return counts, colmax.reshape(T, C)
+
+
+def _column_search(tiles: ModelTiles, bits: Sequence[int], config: SearchConfig, zero_below: float):
+    """Per column: best objective ``val [T*cols, B]`` (normalised units), its ratio index, ``colmax [T, cols]``,
+    ``E[x^2]``-energy ``[T*cols]`` (normalised units, sum over the column) and weight count ``[T*cols]``.
+
+    Negligible columns get value, index, energy and count 0.
+    """
+    T, C, B = tiles.n_tiles, tiles.cols, len(bits)
+    bins, ratios = config.column_bins, config.ratios
+    val = np.zeros((T * C, B), dtype=np.float64)
+    best = np.zeros((T * C, B), dtype=np.int64)
+    colmax = np.zeros(T * C, dtype=np.float64)
+    energy = np.zeros(T * C, dtype=np.float64)
+    counts = np.zeros(T * C, dtype=np.float64)
+    edges = np.arange(bins + 1) / bins                                 # E[x^2] of a uniform bin
+    bin_x2 = ((edges[:-1] ** 2 + edges[:-1] * edges[1:] + edges[1:] ** 2) / 3).astype(np.float32)
+    for rows, cm, hist in _column_pieces(tiles, bins, zero_below):
+        colmax[rows] = cm
+        live = cm >= zero_below
+        if not live.all():
+            rows, hist = rows[live], hist[live]
+        if not len(rows):
+            continue
+        if config.objective == "mse":
+            val[rows], best[rows] = column_mse(hist, bits, ratios)
+        else:
+            val[rows], best[rows] = column_cdf_kl(hist, bits, ratios, config.column_thresholds)
+        energy[rows] = hist @ bin_x2
+        counts[rows] = hist.sum(axis=1)
+    return val, best, colmax.reshape(T, C), energy, counts
 
 
 # ------------------------------------------------------------------ per column
@@ -280,38 +343,44 @@ _COLUMN_CHUNK = 4096
 _TIE_RTOL = np.float32(1e-6)
 
 
-def _pick(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Best candidate along the last axis of ``raw [..., S]`` (objectives >= 0): ``(value, index)``.
+def _tie_bias(S: int) -> np.ndarray:
+    """``1 + 1e-6 k`` for candidate ``k``: folded into the candidate matrices (a linear map), so the
+    argmin of the biased objective picks, among candidates within ~1e-6 of each other, the least
+    clipping (the first).  The bias outweighs the float32 rounding of the matrix products (~1e-7),
+    so a column's choice does not depend on the other columns in the product."""
+    return 1.0 + float(_TIE_RTOL) * np.arange(S)
 
-    Candidates within a relative ~1e-6 resolve to the least clipping (the
-    first): the argmin runs on ``raw * (1 + 1e-6 k)``, which outweighs the
-    float32 rounding of the matrix products (~1e-7), so a column's choice does
-    not depend on the other columns in the product.
-    """
-    S = raw.shape[-1]
-    k = np.argmin(raw * (1 + _TIE_RTOL * np.arange(S, dtype=np.float32)), axis=-1)
-    return np.take_along_axis(raw, k[..., None], axis=-1)[..., 0], k
+
+def _pick(raw: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best candidate along the last axis of the biased objective ``raw [..., S]``: ``(unbiased value, index)``."""
+    k = np.argmin(raw, axis=-1)
+    return np.take_along_axis(raw, k[..., None], axis=-1)[..., 0] / bias[k], k
 
 
 @functools.lru_cache(maxsize=16)
-def _mse_bin_kernel(bins: int, bits: tuple[int, ...], ratios: tuple[float, ...], sub: int = 64) -> np.ndarray:
-    """``[bins, B * S]`` float32: squared error of every candidate averaged over each bin of ``|w|/max``."""
+def _mse_bin_kernel(bins: int, bits: tuple[int, ...], ratios: tuple[float, ...], sub: int = 64,
+                    biased: bool = False) -> np.ndarray:
+    """``[bins, B * S]`` float32: squared error of every candidate averaged over each bin of ``|w|/max``
+    (times :func:`_tie_bias` when ``biased``)."""
     x = (np.arange(bins * sub) + 0.5) / (bins * sub)              # midpoint rule inside each bin
     s, L = candidate_grid(bits, np.asarray(ratios))
     q = _quantise_normalised(x[:, None, None], s[None], L[None, :, None])
     err2 = ((x[:, None, None] - q) ** 2).reshape(bins, sub, -1).mean(axis=1)
+    if biased:
+        err2 = (err2.reshape(bins, len(bits), -1) * _tie_bias(len(ratios))).reshape(bins, -1)
     return np.ascontiguousarray(err2, dtype=np.float32)
 
 
 def column_mse(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per column: sum of squared error (normalised units) at the best ratio ``[N, B]`` and that ratio's index."""
-    kern = _mse_bin_kernel(hist.shape[1], tuple(bits), tuple(float(r) for r in ratios))
     B, S = len(bits), len(ratios)
+    bias = _tie_bias(S)
+    kern = _mse_bin_kernel(hist.shape[1], tuple(bits), tuple(float(r) for r in ratios), biased=True)
     val = np.empty((hist.shape[0], B), dtype=np.float64)
     best = np.empty((hist.shape[0], B), dtype=np.int64)
     for a in range(0, hist.shape[0], _COLUMN_CHUNK):
         raw = (hist[a:a + _COLUMN_CHUNK] @ kern).reshape(-1, B, S)   # [chunk, B, S]
-        val[a:a + len(raw)], best[a:a + len(raw)] = _pick(raw)
+        val[a:a + len(raw)], best[a:a + len(raw)] = _pick(raw, bias)
     return val, best
 
 
@@ -330,46 +399,67 @@ def _boundary_indices(bins: int, bits: Sequence[int], ratios: np.ndarray, thresh
 
 @functools.lru_cache(maxsize=16)
 def _cdf_pairs(bins: int, bits: tuple[int, ...], ratios: tuple[float, ...], thresholds: int):
-    """The (threshold, boundary) pairs whose term can be nonzero, laid out for :func:`column_cdf_kl`.
+    """How :func:`column_cdf_kl` sums the terms of every candidate: ``(ranges, clip_row, clip_sel, per_bit)``.
 
-    Returns ``(ranges, clip_row, clip_sel, per_bit)``: ``ranges`` lists, per threshold index
-    ``a`` (a cumulative-histogram index), the contiguous boundary range ``[lo, hi)``
-    covering its unclipped pairs, stored from row ``off`` of the term matrix
-    (``(a, lo, hi, off)``); the clipped pairs ``(a, bins)`` (``Q = 1``) are stored
-    from row ``clip_row``, one per threshold.  ``per_bit[b] = (rows, sel, c)``: the
-    unclipped term rows a bitwidth uses, the 0/1 matrix ``[S, len(rows)]`` summing
-    them into its candidates, and its clipping pattern ``clip_sel[c]``
-    (``[S, Th-1]``: thresholds above the clipping ratio; the same for every
+    Terms ``(P_a - C_j)(logit P_a - logit C_j)`` of a threshold ``a`` and a
+    rounding boundary ``j`` are stored as rows of a term matrix: per threshold
+    ``a`` the contiguous boundary range ``[lo, hi)`` covering its unclipped pairs
+    from row ``off`` (``ranges`` holds ``(a, lo, hi, off)``), then the clipped
+    pairs ``(a, bins)`` (``Q = 1``), one per threshold, from row ``clip_row``.
+    ``clip_sel[c]`` ``[S, Th-1]`` sums the clipped terms into candidates (the
+    pattern -- thresholds above the clipping ratio -- is the same for every
     bitwidth in exact arithmetic, so usually computed once).
+
+    ``per_bit[b]`` is ``("pairs", rows, sel, c)``: the term rows the bitwidth
+    uses (clipped ones included) and the 0/1 matrix ``[len(rows), S]`` summing
+    them into its candidates; or, when every candidate has a single unclipped boundary (2
+    bits: one level above 0), ``("run", i0, i1, j, c)``: thresholds
+    ``i0[k] <= i < i1[k]`` all compare with boundary ``j[k]``, a sum computed
+    from prefix sums over the thresholds, no term matrix needed.  Candidate
+    ``k`` of every matrix is scaled by :func:`_tie_bias`.
     """
+    S = len(ratios)
+    bias = _tie_bias(S)
     p_idx, q_idx = _boundary_indices(bins, bits, np.asarray(ratios), thresholds)
     P = np.broadcast_to(p_idx[None, None, :], q_idx.shape)
-    nz = q_idx != P
-    row = np.full(q_idx.shape, -1, dtype=np.int64)                  # term row of every (b, k, i)
+    unclipped = q_idx < bins
+    single = [all(len(np.unique(q_idx[bi, k][unclipped[bi, k]])) <= 1 for k in range(S))
+              for bi in range(len(bits))]
+    nz = (q_idx != P) & unclipped & ~np.array(single)[:, None, None]   # term rows of the "pairs" bitwidths
+    row = np.full(q_idx.shape, -1, dtype=np.int64)
     ranges, off = [], 0
     for i, a in enumerate(p_idx):
-        m = nz[:, :, i] & (q_idx[:, :, i] < bins)
+        m = nz[:, :, i]
         if m.any():
             lo, hi = int(q_idx[:, :, i][m].min()), int(q_idx[:, :, i][m].max()) + 1
             ranges.append((int(a), lo, hi, off))
             row[:, :, i] = np.where(m, off + q_idx[:, :, i] - lo, row[:, :, i])
             off += hi - lo
     clip_row = off
-    clip = nz & (q_idx == bins)                                     # [B, S, Th-1]: Q = 1
     clip_sel, per_bit = [], []
     for bi in range(len(bits)):
-        pattern = clip[bi].astype(np.float32)                       # [S, Th-1] over the clipped rows
+        pattern = (~unclipped[bi] * bias[:, None]).astype(np.float32)  # [S, Th-1]
         for ci, known in enumerate(clip_sel):
             if np.array_equal(known, pattern):
                 break
         else:
             ci = len(clip_sel)
             clip_sel.append(pattern)
-        used = np.unique(row[bi][row[bi] >= 0])
-        sel = np.zeros((len(ratios), len(used)), dtype=np.float32)
-        k, i = np.nonzero(row[bi] >= 0)
-        sel[k, np.searchsorted(used, row[bi][k, i])] = 1.0
-        per_bit.append((used, sel, ci))
+        if single[bi]:
+            u = unclipped[bi]                                           # [S, Th-1], one run per candidate
+            i0 = np.where(u.any(axis=1), np.argmax(u, axis=1), 0)
+            i1 = np.where(u.any(axis=1), u.shape[1] - np.argmax(u[:, ::-1], axis=1), 0)
+            assert np.all(u.sum(axis=1) == i1 - i0)                     # contiguous
+            j = np.where(u.any(axis=1), q_idx[bi][np.arange(S), i0], 0)
+            per_bit.append(("run", i0, i1, j, ci))
+            continue
+        rb = np.where(unclipped[bi], row[bi], clip_row + np.arange(len(p_idx))[None, :])   # clipped rows too
+        rb = np.where(unclipped[bi] & (row[bi] < 0), -1, rb)
+        used = np.unique(rb[rb >= 0])
+        sel = np.zeros((S, len(used)), dtype=np.float32)
+        k, i = np.nonzero(rb >= 0)
+        sel[k, np.searchsorted(used, rb[k, i])] = bias[k]
+        per_bit.append(("pairs", used, np.ascontiguousarray(sel.T), ci))
     return tuple(ranges), clip_row, tuple(clip_sel), per_bit
 
 
@@ -392,12 +482,15 @@ def column_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray, thr
     N, H = hist.shape
     ranges, clip_row, clip_sel, per_bit = _cdf_pairs(H, tuple(bits), tuple(float(r) for r in ratios), thresholds)
     p_idx = np.arange(1, thresholds) * (H // thresholds)
-    B = len(bits)
+    B, S = len(bits), len(ratios)
     val = np.empty((N, B), dtype=np.float64)
     best = np.empty((N, B), dtype=np.int64)
-    chunk = _COLUMN_CHUNK // 4
+    chunk = min(N, _COLUMN_CHUNK // 2)
     tri = np.tri(H + 1, H, -1, dtype=np.float32)                        # cdf[j] = sum of bins < j (exact integers)
     terms = np.empty((clip_row + len(p_idx), chunk), dtype=np.float32)
+    out = np.empty((chunk, B, S), dtype=np.float32)
+    bias = _tie_bias(S)
+    runs = any(kind == "run" for kind, *_ in per_bit)
     for a0 in range(0, N, chunk):
         h = hist[a0:a0 + chunk]
         c = len(h)
@@ -411,12 +504,36 @@ def column_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray, thr
             d *= lg[a] - lg[lo:hi]
         d = np.subtract(cdf[p_idx], cdf[H], out=D[clip_row:])
         d *= lg[p_idx] - lg[H]
-        clipped = [D[clip_row:].T @ cs.T for cs in clip_sel]           # [chunk, S] each
-        for bi, (used, sel, ci) in enumerate(per_bit):
-            raw = clipped[ci]
+        if runs:                            # prefix sums over thresholds of P G, P, G (float64: differences cancel)
+            cum = np.zeros((len(p_idx) + 1, 3, c))
+            cum[1:, 1] = cdf[p_idx]
+            cum[1:, 2] = lg[p_idx]
+            np.multiply(cum[1:, 1], cum[1:, 2], out=cum[1:, 0])
+            for i in range(2, len(p_idx) + 1):
+                cum[i] += cum[i - 1]
+        clipped = [D[clip_row:].T @ cs.T for cs in clip_sel] if runs else []   # [chunk, S] each
+        raw = out[:c]
+        for bi, (kind, *plan) in enumerate(per_bit):
+            if kind == "run":                                           # sum_{i0<=i<i1} (P_i - c)(G_i - g)
+                i0, i1, j, ci = plan
+                span = cum[i1] if not i0.any() else cum[i1] - cum[i0]   # [S, 3, chunk]
+                cj, gj = cdf[j].astype(np.float64), lg[j].astype(np.float64)   # [S, chunk]
+                r = span[:, 0].copy()
+                r -= gj * span[:, 1]
+                r -= cj * span[:, 2]
+                cj *= gj
+                cj *= ((i1 - i0) * bias)[:, None]
+                r *= bias[:, None]
+                r += cj
+                raw[:, bi] = r.T
+                raw[:, bi] += clipped[ci]
+                continue
+            used, sel, _ = plan
             if len(used):
-                raw = np.take(D, used, axis=0).T @ sel.T + raw          # [chunk, S]
-            val[a0:a0 + c, bi], best[a0:a0 + c, bi] = _pick(raw)
+                np.matmul(np.take(D, used, axis=0).T, sel, out=raw[:, bi])
+            else:
+                raw[:, bi] = 0
+        val[a0:a0 + c], best[a0:a0 + c] = _pick(raw, bias)
     return val / (thresholds - 1), best
 
 
@@ -490,22 +607,11 @@ def evaluate_candidates(tiles: ModelTiles, bits: Sequence[int], config: SearchCo
         energy = (hist @ centres ** 2) * scale2[:, 0]
         col_counts = None
     else:
-        bins = config.column_bins
-        hist, maxabs = column_histograms(tiles, bins, zero_below)
+        val, best, maxabs, energy, col_counts = _column_search(tiles, bits, config, zero_below)
         zero = maxabs < zero_below                                    # [T, cols]
-        live = np.flatnonzero(~zero.ravel())
-        val = np.zeros((hist.shape[0], len(bits)), dtype=np.float64)
-        best = np.zeros((hist.shape[0], len(bits)), dtype=np.int64)
-        if config.objective == "mse":
-            val[live], best[live] = column_mse(hist[live], bits, ratios)
-        else:
-            val[live], best[live] = column_cdf_kl(hist[live], bits, ratios, config.column_thresholds)
         ratio = ratios[best].reshape(T, tiles.cols, len(bits))
         scale2 = (maxabs ** 2).reshape(-1, 1)
-        edges = np.arange(bins + 1) / bins                            # E[x^2] of a uniform bin
-        bin_x2 = (edges[:-1] ** 2 + edges[:-1] * edges[1:] + edges[1:] ** 2) / 3
-        energy = np.where(zero.ravel(), 0.0, (hist @ bin_x2.astype(np.float32)) * scale2[:, 0])
-        col_counts = np.where(zero.ravel(), 0.0, hist.sum(axis=1, dtype=np.float64))
+        energy = energy * scale2[:, 0]
     if config.objective == "mse":
         err = val * scale2                                            # sum of squared error, weight units
         if col_counts is not None:
