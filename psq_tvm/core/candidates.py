@@ -17,12 +17,27 @@ size: one pass over the weights builds all histograms, and every candidate of
 every tile is then evaluated at once (a matrix product for ``mse``, gathers on
 the cumulative histogram for ``cdf-kl``).  The result, a :class:`CandidateTable`,
 is what :mod:`psq_tvm.core.allocation` chooses bitwidths from.
+
+Per tile column (``granularity="column"``, one scale per bitline, the
+bitwidth per tile) a column holds at most ``rows`` weights, so the search uses
+a coarse histogram per column (``column_bins``) with kernels that do not
+represent a bin by its centre, and ``column_thresholds`` CDF thresholds for
+``cdf-kl`` (see :func:`column_mse`, :func:`column_cdf_kl`).
+
+Zero and negligible weights: a tile (column) whose ``max|w|`` is 0 or below
+:func:`negligible_below` (~1e-35 for bits <= 8: every candidate scale must be
+a normal float32) is treated as all zero -- scale 1.0, levels 0, objective and
+distortion 0 -- instead of being quantised with a subnormal scale.  Histogram
+normalisation never overflows, so denormal or all-zero channels (BatchNorm
+folded with a vanishing gamma) cannot produce inf/NaN bins.  NaN/Inf weights
+are rejected earlier (:func:`psq_tvm.core.tiling.check_weight`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -46,7 +61,8 @@ class SearchConfig:
     thresholds: int = 128       # CDF thresholds for cdf-kl (bins must be a multiple)
     weighting: str = "layer"    # how tile distortions are summed for the budget
     granularity: str = DEFAULT_GRANULARITY   # "tile": one scale per tile; "column": one per tile column (bitline)
-    column_bins: int = 128      # histogram bins per column when granularity == "column"
+    column_bins: int = 64       # histogram bins per column when granularity == "column" (a column has <= rows weights)
+    column_thresholds: int = 16  # CDF thresholds per column for cdf-kl (column_bins must be a multiple)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -55,10 +71,9 @@ class SearchConfig:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown scale granularity {self.granularity!r}; choose one of {GRANULARITIES}")
-        if self.column_bins < 16 or (self.granularity == "column" and self.objective == "cdf-kl"
-                                     and self.column_bins % self.thresholds):
-            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 (and a multiple of "
-                             f"thresholds ({self.thresholds}) for cdf-kl per column)")
+        if self.column_bins < 16 or self.column_thresholds < 2 or self.column_bins % self.column_thresholds:
+            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 and a multiple of "
+                             f"column_thresholds ({self.column_thresholds}, >= 2)")
         if self.n_scales < 1:
             raise ValueError(f"n_scales must be >= 1, got {self.n_scales}")
         if not 0.0 < self.min_clip <= 1.0:
@@ -73,14 +88,47 @@ class SearchConfig:
 
 
 _CACHE_ELEMENTS = 1 << 17
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
-def tile_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarray]:
+def negligible_below(bits: Sequence[int], ratios: np.ndarray) -> float:
+    """``max|w|`` below which a tile (or tile column) is treated as all zero.
+
+    A tile (column) whose ``max|w|`` is zero or below this value gets levels 0,
+    scale 1.0 and distortion 0.  The value is the smallest ``max|w|`` for which
+    every candidate scale ``r * max|w| / L`` is a normal float32
+    (``float32.tiny * L_max / r_min``, about 1e-35 for bits <= 8): levels are
+    computed in float32, and a subnormal scale has too few significant bits to
+    round weights to the nearest level.  Such weights (denormal channels left by
+    a folded BatchNorm with a vanishing gamma) change no output measurably.
+    """
+    L_max = 2 ** (max(bits) - 1) - 1
+    return _F32_TINY * L_max / float(np.min(ratios))
+
+
+_BELOW_BINS = 1.0 - 2.0 ** -20      # |w| * bins / max * this < bins even after float32 rounding
+
+
+def _bin_scale(mx: np.ndarray, bins: int, zero_below: float, shrink: float = 1.0) -> np.ndarray:
+    """float32 ``bins / mx`` (times ``shrink``) where ``mx`` is kept, 0 where it is zero or negligible.
+
+    Clamped to the float32 range: then ``|w| * inv <= mx * inv <= bins`` is
+    finite for every ``|w| <= mx`` (no inf, no 0 * inf = NaN, no negative index).
+    """
+    mx = np.asarray(mx, dtype=np.float64)
+    keep = (mx > 0) & (mx >= zero_below)
+    inv = np.divide(bins * shrink, mx, out=np.zeros_like(mx), where=keep)
+    return np.minimum(inv, _F32_MAX * shrink).astype(np.float32)
+
+
+def tile_histograms(tiles: ModelTiles, bins: int, zero_below: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile histograms of ``|w| / max|w|`` and per-tile ``max|w|``.
 
     Returns ``(hist [T, bins] float64 counts, maxabs [T] float64)``.  Bin ``k``
     holds ``k/bins <= |w|/max < (k+1)/bins`` (the maximum itself in the last bin).
-    An all-zero tile has ``maxabs == 0`` and all its weights in bin 0.
+    A tile with ``maxabs == 0`` or ``maxabs < zero_below`` (see
+    :func:`negligible_below`) has all its weights in bin 0.
     """
     T = tiles.n_tiles
     maxabs = np.zeros(T, dtype=np.float64)
@@ -93,8 +141,7 @@ def tile_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarra
                 a = np.abs(view, dtype=np.float32)
                 mx = a.max(axis=(1, 3))
                 maxabs[first + ids] = mx
-                inv = np.where(mx > 0, bins / np.where(mx > 0, mx, 1), 0).astype(np.float32)
-                a *= inv[:, None, :, None]
+                a *= _bin_scale(mx, bins, zero_below)[:, None, :, None]
                 idx = a.astype(np.int64)
                 np.minimum(idx, bins - 1, out=idx)
                 lo, hi = int(ids.min()), int(ids.max()) + 1
@@ -182,31 +229,312 @@ def distortion_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray,
     return out / (thresholds - 1)
 
 
-def column_histograms(tiles: ModelTiles, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per tile-column histograms of ``|w| / max|w|_column``: ``([T * cols, bins], colmax [T, cols])``.
+def _column_blocks(matrix: np.ndarray, grid) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Regular blocks as ``[A, B, tc, tr]`` views (tile columns on axis 2, the column's rows last) with tile ids ``[A, B]``.
+
+    Built on :func:`tile_blocks`, so a conv's unrolled matrix (the transpose of a
+    contiguous array) is read in storage order: its tile columns are contiguous runs.
+    """
+    transposed = not matrix.flags.c_contiguous and matrix.T.flags.c_contiguous
+    for view, ids in tile_blocks(matrix, grid):
+        if transposed:            # [nc, tc, nr, tr], ids [nc, nr]
+            yield view.transpose(0, 2, 1, 3), ids
+        else:                     # [nr, tr, nc, tc], ids [nr, nc]
+            yield view.transpose(0, 2, 3, 1), ids
+
+
+def _column_pieces(tiles: ModelTiles, bins: int, zero_below: float
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Histograms of ``|w| / max|w|_column`` per cache-sized piece of whole tiles.
+
+    Yields ``(rows, colmax, hist)``: global row ids ``t * cols + c`` ``[n]``,
+    the columns' ``max|w|`` ``[n]`` (float32) and their histograms ``[n, bins]``
+    (float32 counts).  A column whose max is zero or below ``zero_below`` has
+    all its weights in bin 0.
+    """
+    C = tiles.cols
+    for _, _, m, grid, first in tiles.matrices():
+        for block, block_ids in _column_blocks(m, grid):
+            tc = block.shape[2]
+            step = max(1, _CACHE_ELEMENTS // (block[0].size or 1))
+            for i0 in range(0, block.shape[0], step):          # whole tiles in every piece
+                view, ids = block[i0:i0 + step], block_ids[i0:i0 + step]
+                a = np.abs(view, dtype=np.float32)              # [A, B, tc, tr]
+                cm = a.max(axis=3)                              # [A, B, tc]
+                a *= _bin_scale(cm, bins, zero_below, _BELOW_BINS)[..., None]   # < bins: no clamp pass
+                idx = a.astype(np.intp)
+                n_local = ids.size * tc                         # local row = (local tile, column)
+                idx += (np.arange(0, n_local * bins, bins).reshape(cm.shape))[..., None]
+                hist = np.bincount(idx.ravel(order="K"), minlength=n_local * bins).reshape(n_local, bins)
+                rows = ((first + ids)[:, :, None] * C + np.arange(tc)).ravel()
+                yield rows, cm.ravel(), hist.astype(np.float32)
+
+
+def column_histograms(tiles: ModelTiles, bins: int, zero_below: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile-column histograms of ``|w| / max|w|_column``: ``([T * cols, bins] float32, colmax [T, cols])``.
 
     Row ``t * cols + c`` is column ``c`` of tile ``t``; columns beyond a ragged
-    tile's width are empty.
+    tile's width are empty.  A column whose max is zero or below ``zero_below``
+    has all its weights in bin 0.  (The search itself evaluates every piece as
+    it is built, without this [T * cols, bins] array.)
     """
     T, C = tiles.n_tiles, tiles.cols
-    colmax = np.zeros((T, C), dtype=np.float64)
-    counts = np.zeros(T * C * bins, dtype=np.int64)
-    for _, _, m, grid, first in tiles.matrices():
-        for view, ids in canonical_blocks(m, grid):
-            a = np.abs(view, dtype=np.float32)
-            cm = a.max(axis=1)                                          # [nr, nc, tc]
-            tc = view.shape[3]
-            colmax[first + ids, :tc] = cm
-            inv = np.where(cm > 0, bins / np.where(cm > 0, cm, 1), 0).astype(np.float32)
-            a *= inv[:, None]
-            idx = a.astype(np.int64)
-            np.minimum(idx, bins - 1, out=idx)
-            lo, hi = int(ids.min()), int(ids.max()) + 1
-            col_id = (ids - lo)[:, :, None] * C + np.arange(tc)         # [nr, nc, tc]
-            idx += (col_id * bins)[:, None]
-            a0 = (first + lo) * C * bins
-            counts[a0:a0 + (hi - lo) * C * bins] += np.bincount(idx.ravel(), minlength=(hi - lo) * C * bins)
-    return counts.reshape(T * C, bins).astype(np.float32), colmax
+    colmax = np.zeros(T * C, dtype=np.float64)
+    counts = np.zeros((T * C, bins), dtype=np.float32)
+    for rows, cm, hist in _column_pieces(tiles, bins, zero_below):
+        colmax[rows] = cm
+        counts[rows] = hist
+    return counts, colmax.reshape(T, C)
+
+
+def _column_search(tiles: ModelTiles, bits: Sequence[int], config: SearchConfig, zero_below: float):
+    """Per column: best objective ``val [T*cols, B]`` (normalised units), its ratio index, ``colmax [T, cols]``,
+    ``E[x^2]``-energy ``[T*cols]`` (normalised units, sum over the column) and weight count ``[T*cols]``.
+
+    Negligible columns get value, index, energy and count 0.
+    """
+    T, C, B = tiles.n_tiles, tiles.cols, len(bits)
+    bins, ratios = config.column_bins, config.ratios
+    val = np.zeros((T * C, B), dtype=np.float64)
+    best = np.zeros((T * C, B), dtype=np.int64)
+    colmax = np.zeros(T * C, dtype=np.float64)
+    energy = np.zeros(T * C, dtype=np.float64)
+    counts = np.zeros(T * C, dtype=np.float64)
+    edges = np.arange(bins + 1) / bins                                 # E[x^2] of a uniform bin
+    bin_x2 = ((edges[:-1] ** 2 + edges[:-1] * edges[1:] + edges[1:] ** 2) / 3).astype(np.float32)
+    for rows, cm, hist in _column_pieces(tiles, bins, zero_below):
+        colmax[rows] = cm
+        live = cm >= zero_below
+        if not live.all():
+            rows, hist = rows[live], hist[live]
+        if not len(rows):
+            continue
+        if config.objective == "mse":
+            val[rows], best[rows] = column_mse(hist, bits, ratios)
+        else:
+            val[rows], best[rows] = column_cdf_kl(hist, bits, ratios, config.column_thresholds)
+        energy[rows] = hist @ bin_x2
+        counts[rows] = hist.sum(axis=1)
+    return val, best, colmax.reshape(T, C), energy, counts
+
+
+# ------------------------------------------------------------------ per column
+# A tile column holds at most ``rows`` (128) weights, so a fine histogram per
+# column compresses nothing.  Per column the search uses a coarse histogram
+# (``column_bins``, 64) and evaluates it with candidate kernels that do not
+# represent a bin by its centre:
+#
+# * mse: the squared error averaged over each bin (weights uniform within a
+#   bin), ``E[bin, candidate]``; one float32 matrix product gives every
+#   candidate of every column.  Unlike bin centres this stays accurate when the
+#   quantisation step is finer than a bin (6-8 bits), where it tends to the
+#   rounding noise ``s**2 / 12``.
+# * cdf-kl: ``column_thresholds`` (16) thresholds on bin boundaries.  Every
+#   term ``(P - Q)(logit P - logit Q)`` reads the cumulative histogram at two
+#   boundaries ``(a, j)`` (``a`` the threshold, ``j`` the rounding boundary the
+#   candidate puts below it), and most (threshold, candidate) pairs have
+#   ``j == a`` (term 0) or share a pair with other candidates.  The distinct
+#   nonzero pairs of a bitwidth (a few dozen to ~250) are computed once per
+#   column, and a 0/1 matrix product sums them into every candidate: the same
+#   objective as the gather form, at matrix-product speed.
+# Ties (equal objectives up to float32 rounding) resolve to the least clipping.
+
+_COLUMN_CHUNK = 4096
+_TIE_RTOL = np.float32(1e-6)
+
+
+def _tie_bias(S: int) -> np.ndarray:
+    """``1 + 1e-6 k`` for candidate ``k``: folded into the candidate matrices (a linear map), so the
+    argmin of the biased objective picks, among candidates within ~1e-6 of each other, the least
+    clipping (the first).  The bias outweighs the float32 rounding of the matrix products (~1e-7),
+    so a column's choice does not depend on the other columns in the product."""
+    return 1.0 + float(_TIE_RTOL) * np.arange(S)
+
+
+def _pick(raw: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best candidate along the last axis of the biased objective ``raw [..., S]``: ``(unbiased value, index)``."""
+    k = np.argmin(raw, axis=-1)
+    return np.take_along_axis(raw, k[..., None], axis=-1)[..., 0] / bias[k], k
+
+
+@functools.lru_cache(maxsize=16)
+def _mse_bin_kernel(bins: int, bits: tuple[int, ...], ratios: tuple[float, ...], sub: int = 64,
+                    biased: bool = False) -> np.ndarray:
+    """``[bins, B * S]`` float32: squared error of every candidate averaged over each bin of ``|w|/max``
+    (times :func:`_tie_bias` when ``biased``)."""
+    x = (np.arange(bins * sub) + 0.5) / (bins * sub)              # midpoint rule inside each bin
+    s, L = candidate_grid(bits, np.asarray(ratios))
+    q = _quantise_normalised(x[:, None, None], s[None], L[None, :, None])
+    err2 = ((x[:, None, None] - q) ** 2).reshape(bins, sub, -1).mean(axis=1)
+    if biased:
+        err2 = (err2.reshape(bins, len(bits), -1) * _tie_bias(len(ratios))).reshape(bins, -1)
+    return np.ascontiguousarray(err2, dtype=np.float32)
+
+
+def column_mse(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: sum of squared error (normalised units) at the best ratio ``[N, B]`` and that ratio's index."""
+    B, S = len(bits), len(ratios)
+    bias = _tie_bias(S)
+    kern = _mse_bin_kernel(hist.shape[1], tuple(bits), tuple(float(r) for r in ratios), biased=True)
+    val = np.empty((hist.shape[0], B), dtype=np.float64)
+    best = np.empty((hist.shape[0], B), dtype=np.int64)
+    for a in range(0, hist.shape[0], _COLUMN_CHUNK):
+        raw = (hist[a:a + _COLUMN_CHUNK] @ kern).reshape(-1, B, S)   # [chunk, B, S]
+        val[a:a + len(raw)], best[a:a + len(raw)] = _pick(raw, bias)
+    return val, best
+
+
+def _boundary_indices(bins: int, bits: Sequence[int], ratios: np.ndarray, thresholds: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative-histogram indices of the thresholds ``[Th-1]`` and of ``F(|q| < t)`` per candidate ``[B, S, Th-1]``."""
+    tau = np.arange(1, thresholds) / thresholds
+    p_idx = np.arange(1, thresholds) * (bins // thresholds)           # exact bin boundaries
+    s, L = candidate_grid(bits, ratios)
+    J = np.ceil(tau[None, None, :] / s[:, :, None]) - 1
+    boundary = (J + 0.5) * s[:, :, None]
+    q_idx = np.clip(np.ceil(boundary * bins - 0.5), 0, bins).astype(np.int64)
+    q_idx = np.where(J >= L[:, None, None], bins, q_idx)             # every level below t: Q = 1
+    return p_idx, q_idx
+
+
+@functools.lru_cache(maxsize=16)
+def _cdf_pairs(bins: int, bits: tuple[int, ...], ratios: tuple[float, ...], thresholds: int):
+    """How :func:`column_cdf_kl` sums the terms of every candidate: ``(ranges, clip_row, clip_sel, per_bit)``.
+
+    Terms ``(P_a - C_j)(logit P_a - logit C_j)`` of a threshold ``a`` and a
+    rounding boundary ``j`` are stored as rows of a term matrix: per threshold
+    ``a`` the contiguous boundary range ``[lo, hi)`` covering its unclipped pairs
+    from row ``off`` (``ranges`` holds ``(a, lo, hi, off)``), then the clipped
+    pairs ``(a, bins)`` (``Q = 1``), one per threshold, from row ``clip_row``.
+    ``clip_sel[c]`` ``[S, Th-1]`` sums the clipped terms into candidates (the
+    pattern -- thresholds above the clipping ratio -- is the same for every
+    bitwidth in exact arithmetic, so usually computed once).
+
+    ``per_bit[b]`` is ``("pairs", rows, sel, c)``: the term rows the bitwidth
+    uses (clipped ones included) and the 0/1 matrix ``[len(rows), S]`` summing
+    them into its candidates; or, when every candidate has a single unclipped boundary (2
+    bits: one level above 0), ``("run", i0, i1, j, c)``: thresholds
+    ``i0[k] <= i < i1[k]`` all compare with boundary ``j[k]``, a sum computed
+    from prefix sums over the thresholds, no term matrix needed.  Candidate
+    ``k`` of every matrix is scaled by :func:`_tie_bias`.
+    """
+    S = len(ratios)
+    bias = _tie_bias(S)
+    p_idx, q_idx = _boundary_indices(bins, bits, np.asarray(ratios), thresholds)
+    P = np.broadcast_to(p_idx[None, None, :], q_idx.shape)
+    unclipped = q_idx < bins
+    single = [all(len(np.unique(q_idx[bi, k][unclipped[bi, k]])) <= 1 for k in range(S))
+              for bi in range(len(bits))]
+    nz = (q_idx != P) & unclipped & ~np.array(single)[:, None, None]   # term rows of the "pairs" bitwidths
+    row = np.full(q_idx.shape, -1, dtype=np.int64)
+    ranges, off = [], 0
+    for i, a in enumerate(p_idx):
+        m = nz[:, :, i]
+        if m.any():
+            lo, hi = int(q_idx[:, :, i][m].min()), int(q_idx[:, :, i][m].max()) + 1
+            ranges.append((int(a), lo, hi, off))
+            row[:, :, i] = np.where(m, off + q_idx[:, :, i] - lo, row[:, :, i])
+            off += hi - lo
+    clip_row = off
+    clip_sel, per_bit = [], []
+    for bi in range(len(bits)):
+        pattern = (~unclipped[bi] * bias[:, None]).astype(np.float32)  # [S, Th-1]
+        for ci, known in enumerate(clip_sel):
+            if np.array_equal(known, pattern):
+                break
+        else:
+            ci = len(clip_sel)
+            clip_sel.append(pattern)
+        if single[bi]:
+            u = unclipped[bi]                                           # [S, Th-1], one run per candidate
+            i0 = np.where(u.any(axis=1), np.argmax(u, axis=1), 0)
+            i1 = np.where(u.any(axis=1), u.shape[1] - np.argmax(u[:, ::-1], axis=1), 0)
+            assert np.all(u.sum(axis=1) == i1 - i0)                     # contiguous
+            j = np.where(u.any(axis=1), q_idx[bi][np.arange(S), i0], 0)
+            per_bit.append(("run", i0, i1, j, ci))
+            continue
+        rb = np.where(unclipped[bi], row[bi], clip_row + np.arange(len(p_idx))[None, :])   # clipped rows too
+        rb = np.where(unclipped[bi] & (row[bi] < 0), -1, rb)
+        used = np.unique(rb[rb >= 0])
+        sel = np.zeros((S, len(used)), dtype=np.float32)
+        k, i = np.nonzero(rb >= 0)
+        sel[k, np.searchsorted(used, rb[k, i])] = bias[k]
+        per_bit.append(("pairs", used, np.ascontiguousarray(sel.T), ci))
+    return tuple(ranges), clip_row, tuple(clip_sel), per_bit
+
+
+def _logit32(p: np.ndarray, eps: float) -> np.ndarray:
+    """``logit(clip(p, eps, 1 - eps))`` in float32 with one log (no log1p)."""
+    p = np.clip(p, np.float32(eps), np.float32(1 - eps))
+    q = np.subtract(np.float32(1), p)
+    np.divide(p, q, out=p)
+    return np.log(p, out=p)
+
+
+def column_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray, thresholds: int,
+                  eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: CDF divergence at the best ratio ``[N, B]`` and that ratio's index.
+
+    The objective is :func:`distortion_cdf_kl`'s with ``thresholds`` thresholds
+    (bin boundaries), evaluated as a sum over the distinct nonzero terms (see the
+    comment above) in a transposed layout (one row per cumulative-histogram index).
+    """
+    N, H = hist.shape
+    ranges, clip_row, clip_sel, per_bit = _cdf_pairs(H, tuple(bits), tuple(float(r) for r in ratios), thresholds)
+    p_idx = np.arange(1, thresholds) * (H // thresholds)
+    B, S = len(bits), len(ratios)
+    val = np.empty((N, B), dtype=np.float64)
+    best = np.empty((N, B), dtype=np.int64)
+    chunk = min(N, _COLUMN_CHUNK // 2)
+    tri = np.tri(H + 1, H, -1, dtype=np.float32)                        # cdf[j] = sum of bins < j (exact integers)
+    terms = np.empty((clip_row + len(p_idx), chunk), dtype=np.float32)
+    out = np.empty((chunk, B, S), dtype=np.float32)
+    bias = _tie_bias(S)
+    runs = any(kind == "run" for kind, *_ in per_bit)
+    for a0 in range(0, N, chunk):
+        h = hist[a0:a0 + chunk]
+        c = len(h)
+        cdf = tri @ h.T                                                 # [H+1, chunk] cumulative counts
+        n = cdf[H].copy()
+        cdf /= np.where(n > 0, n, 1)[None, :]
+        lg = _logit32(cdf.copy(), eps)
+        D = terms[:, :c]
+        for a, lo, hi, off in ranges:                                   # (P - Q)(logit P - logit Q)
+            d = np.subtract(cdf[a], cdf[lo:hi], out=D[off:off + hi - lo])
+            d *= lg[a] - lg[lo:hi]
+        d = np.subtract(cdf[p_idx], cdf[H], out=D[clip_row:])
+        d *= lg[p_idx] - lg[H]
+        if runs:                            # prefix sums over thresholds of P G, P, G (float64: differences cancel)
+            cum = np.zeros((len(p_idx) + 1, 3, c))
+            cum[1:, 1] = cdf[p_idx]
+            cum[1:, 2] = lg[p_idx]
+            np.multiply(cum[1:, 1], cum[1:, 2], out=cum[1:, 0])
+            for i in range(2, len(p_idx) + 1):
+                cum[i] += cum[i - 1]
+        clipped = [D[clip_row:].T @ cs.T for cs in clip_sel] if runs else []   # [chunk, S] each
+        raw = out[:c]
+        for bi, (kind, *plan) in enumerate(per_bit):
+            if kind == "run":                                           # sum_{i0<=i<i1} (P_i - c)(G_i - g)
+                i0, i1, j, ci = plan
+                span = cum[i1] if not i0.any() else cum[i1] - cum[i0]   # [S, 3, chunk]
+                cj, gj = cdf[j].astype(np.float64), lg[j].astype(np.float64)   # [S, chunk]
+                r = span[:, 0].copy()
+                r -= gj * span[:, 1]
+                r -= cj * span[:, 2]
+                cj *= gj
+                cj *= ((i1 - i0) * bias)[:, None]
+                r *= bias[:, None]
+                r += cj
+                raw[:, bi] = r.T
+                raw[:, bi] += clipped[ci]
+                continue
+            used, sel, _ = plan
+            if len(used):
+                np.matmul(np.take(D, used, axis=0).T, sel, out=raw[:, bi])
+            else:
+                raw[:, bi] = 0
+        val[a0:a0 + c], best[a0:a0 + c] = _pick(raw, bias)
+    return val / (thresholds - 1), best
 
 
 @dataclasses.dataclass
@@ -219,16 +547,21 @@ class CandidateTable:
     nsr: np.ndarray           # [T, B] tolerance measure (relative MSE or divergence)
     ratio: np.ndarray         # [T, B] chosen clipping ratio, or [T, cols, B] per column
     maxabs: np.ndarray        # [T], or [T, cols] per column
+    zero: np.ndarray | None = None   # like maxabs: True where the tile (column) is treated as all zero
 
     def scales(self, bits_index: np.ndarray) -> np.ndarray:
-        """Scale per tile ``[T]`` (or per tile column ``[T, cols]``) for the chosen bitwidth indices."""
+        """Scale per tile ``[T]`` (or per tile column ``[T, cols]``) for the chosen bitwidth indices.
+
+        Finite and > 0 everywhere: 1.0 for tiles (columns) treated as zero.
+        """
         t = np.arange(len(bits_index))
         L = np.array([2 ** (b - 1) - 1 for b in self.bits], dtype=np.float64)[bits_index]
         if self.ratio.ndim == 3:
             s = self.ratio[t, :, bits_index] * self.maxabs / L[:, None]
         else:
             s = self.ratio[t, bits_index] * self.maxabs / L
-        return np.where(self.maxabs > 0, s, 1.0)
+        zero = self.zero if self.zero is not None else ~(self.maxabs > 0)
+        return np.where(zero, 1.0, s)
 
 
 _ROW_CHUNK = 8192
@@ -253,27 +586,34 @@ def _best_ratio(hist: np.ndarray, bits: Sequence[int], config: SearchConfig) -> 
 
 def evaluate_candidates(tiles: ModelTiles, bits: Sequence[int], config: SearchConfig,
                         tile_importance: np.ndarray | None = None) -> CandidateTable:
-    """Score every (bitwidth, clipping ratio) of every tile and keep the best ratio per bitwidth."""
+    """Score every (bitwidth, clipping ratio) of every tile and keep the best ratio per bitwidth.
+
+    Tiles (columns) whose ``max|w|`` is zero or below :func:`negligible_below`
+    are treated as all zero: ratio 1, scale 1.0, objective and distortion 0.
+    """
     T, ratios = tiles.n_tiles, config.ratios
     n_w = tiles.n_weights.astype(np.float64)
+    zero_below = negligible_below(bits, ratios)
     if config.granularity == "tile":
         bins = config.bins
-        hist, maxabs = tile_histograms(tiles, bins)
+        hist, maxabs = tile_histograms(tiles, bins, zero_below)
+        zero = maxabs < zero_below
         val, best = _best_ratio(hist, bits, config)
+        best[zero] = 0
+        val[zero] = 0.0
         ratio = ratios[best]
         scale2 = (maxabs ** 2)[:, None]
+        centres = (np.arange(bins) + 0.5) / bins
+        energy = (hist @ centres ** 2) * scale2[:, 0]
         col_counts = None
     else:
-        bins = config.column_bins
-        hist, maxabs = column_histograms(tiles, bins)
-        val, best = _best_ratio(hist, bits, config)
+        val, best, maxabs, energy, col_counts = _column_search(tiles, bits, config, zero_below)
+        zero = maxabs < zero_below                                    # [T, cols]
         ratio = ratios[best].reshape(T, tiles.cols, len(bits))
         scale2 = (maxabs ** 2).reshape(-1, 1)
-        col_counts = hist.sum(axis=1, dtype=np.float64)
-    centres = (np.arange(bins) + 0.5) / bins
+        energy = energy * scale2[:, 0]
     if config.objective == "mse":
         err = val * scale2                                            # sum of squared error, weight units
-        energy = (hist @ centres ** 2).astype(np.float64) * scale2[:, 0]
         if col_counts is not None:
             err = err.reshape(T, tiles.cols, len(bits)).sum(axis=1)
             energy = energy.reshape(T, tiles.cols).sum(axis=1)
@@ -292,8 +632,8 @@ def evaluate_candidates(tiles: ModelTiles, bits: Sequence[int], config: SearchCo
         distortion = div * share[:, None]
     if tile_importance is not None:
         distortion = distortion * np.asarray(tile_importance, dtype=np.float64)[:, None]
-    zero = (maxabs.reshape(T, -1).max(axis=1) == 0)
-    objective[zero] = 0.0
-    distortion[zero] = 0.0
-    nsr = np.where(zero[:, None], 0.0, nsr)
-    return CandidateTable(tuple(bits), objective, distortion, nsr, ratio, maxabs)
+    tile_zero = zero.reshape(T, -1).all(axis=1)
+    objective = np.where(tile_zero[:, None], 0.0, objective)
+    distortion = np.where(tile_zero[:, None], 0.0, distortion)
+    nsr = np.where(tile_zero[:, None], 0.0, nsr)
+    return CandidateTable(tuple(bits), objective, distortion, nsr, ratio, maxabs, zero)
