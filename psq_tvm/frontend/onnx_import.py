@@ -202,6 +202,37 @@ def _generated_size(node, value: Callable[[str], np.ndarray]) -> int:
         return 0            # malformed: let the reference evaluator report it
 
 
+#: initializers with more elements are hidden from shape inference (passed as typed inputs instead):
+#: it needs their shapes, not their values, and serialising the weights costs ~1 s per 100 MB
+_INFER_MAX_ELEMS = 4096
+
+
+def _inferred_value_info(model) -> list:
+    """``value_info`` from ONNX shape inference (with data propagation) of ``model``; on failure
+    (custom ops, ...), the model's own ``value_info``."""
+    from onnx import helper, shape_inference
+
+    g = model.graph
+    declared = {i.name for i in g.input}
+    small, typed = [], []
+    for t in g.initializer:
+        n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if n > _INFER_MAX_ELEMS:
+            if t.name not in declared:
+                typed.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            small.append(t)
+    light = helper.make_model(
+        helper.make_graph(list(g.node), g.name, list(g.input) + typed, list(g.output), small,
+                          value_info=list(g.value_info)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    try:
+        return list(shape_inference.infer_shapes(light, data_prop=True).graph.value_info)
+    except Exception:
+        return list(g.value_info)     # inference failed: fold what is constant anyway
+
+
 def fold_onnx(model):
     """One round: shape inference, then constant folding of every node whose inputs are known.
 
@@ -209,17 +240,14 @@ def fold_onnx(model):
     :func:`fold_shapes`).
     """
     import onnx
-    from onnx import helper, numpy_helper, shape_inference
+    from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    try:
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        inferred = model     # inference failed (custom ops...): fold what is constant anyway
-    known: dict[str, np.ndarray] = {t.name: None for t in inferred.graph.initializer}  # lazily converted
-    init_by_name = {t.name: t for t in inferred.graph.initializer}
+    value_info = _inferred_value_info(model)
+    known: dict[str, np.ndarray] = {t.name: None for t in model.graph.initializer}  # lazily converted
+    init_by_name = {t.name: t for t in model.graph.initializer}
     static_shape: dict[str, list[int]] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+    for vi in value_info + list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             static_shape[vi.name] = [int(d.dim_value) for d in dims]
@@ -231,10 +259,10 @@ def fold_onnx(model):
             known[name] = v
         return v
 
-    opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     new_nodes = []
     new_inits = []
-    for node in inferred.graph.node:
+    for node in model.graph.node:
         foldable = False
         if node.domain in ("", "ai.onnx") and node.op_type in _FOLDABLE and not any(
                 a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
@@ -278,15 +306,15 @@ def fold_onnx(model):
     if not new_inits:
         return model
     # keep only initializers still read by some node or graph output
-    used = {i for n in new_nodes for i in n.input} | {o.name for o in inferred.graph.output}
-    g = inferred.graph
+    used = {i for n in new_nodes for i in n.input} | {o.name for o in model.graph.output}
+    g = model.graph
     keep_inits = [t for t in g.initializer if t.name in used] + [t for t in new_inits if t.name in used]
     folded = {t.name for t in new_inits}
     orig_inits = set(init_by_name)
     inputs = [i for i in g.input if i.name not in folded and not (i.name in orig_inits and i.name not in used)]
     # value_info of folded tensors is dropped (they are initializers now); the rest is kept, the
     # next round's shape inference refines it
-    value_info = [v for v in g.value_info if v.name not in folded]
+    value_info = [v for v in value_info if v.name not in folded]
     graph = helper.make_graph(new_nodes, g.name, inputs, list(g.output), keep_inits, value_info=value_info)
     out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     out.producer_name = model.producer_name
