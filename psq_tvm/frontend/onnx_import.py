@@ -592,9 +592,8 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     mod, left = fold_constants_numpy(mod)
     if left:
         mod = relax.transform.FoldConstant()(mod)   # whatever numpy did not cover (rare)
-    names = weight_names(model)
-    check_relax_weights(mod, where, names)
-    return mod, {"inputs": inputs, "names": names, "model": where, "bn_stats": bn_stats}
+    check_relax_weights(mod, where, model)
+    return mod, {"inputs": inputs, "names": weight_names(model), "model": where, "bn_stats": bn_stats}
 
 
 #: ops whose shape-like input TVM's importer needs as a constant -> its position
@@ -620,15 +619,23 @@ _RELAX_WEIGHT_ARGS = {"relax.nn.conv1d": (1,), "relax.nn.conv2d": (1,), "relax.n
                       "relax.nn.conv1d_transpose": (1,), "relax.nn.conv2d_transpose": (1,), "relax.matmul": (0, 1)}
 
 
-def check_relax_weights(mod, where: str = "<model>", names: Mapping[str, str] | None = None) -> None:
+def check_relax_weights(mod, where: str = "<model>", model=None) -> None:
     """Backstop of :func:`check_weights` after the Relax constant folding: a constant conv / matmul
     weight that is empty or holds NaN/Inf (one generated only at the Relax level, e.g. a large
-    ``ConstantOfShape`` or ``Expand``) raises :class:`ModelImportError`, naming the layer."""
+    ``ConstantOfShape`` or ``Expand``) raises :class:`ModelImportError`, naming the layer (from the
+    ONNX ``model``'s node names, when given)."""
     import tvm
     from tvm import relax
     from tvm.ir.expr import Call, Constant
 
     problems: list[str] = []
+    cache: list[dict[str, str]] = []
+
+    def names() -> dict[str, str]:
+        """weight fingerprint -> ONNX node name, computed once and only when a weight is bad."""
+        if not cache:
+            cache.append(weight_names(model) if model is not None else {})
+        return cache[0]
 
     def visit(e) -> None:
         if not (isinstance(e, Call) and isinstance(e.op, tvm.ir.Op)):
@@ -642,7 +649,7 @@ def check_relax_weights(mod, where: str = "<model>", names: Mapping[str, str] | 
             nan, inf = _bad_counts(a) if a.size else (0, 0)
             if a.size and not (nan or inf):
                 continue
-            layer = (names or {}).get(fingerprint(a)) if a.size else None
+            layer = names().get(fingerprint(a)) if a.size else None
             what = f"the weight of layer {layer!r}" if layer else f"a constant {e.op.name.split('.')[-1]} weight"
             if a.size == 0:
                 problems.append(f"{what} is empty (shape {list(a.shape)}, no values)")
