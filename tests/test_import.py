@@ -190,6 +190,18 @@ def test_paddle_model_needs_more_than_one_folding_round():
     assert "Shape" not in ops and ops.count("BatchNormalization") == 1      # BatchNorm kept for bn_stats
 
 
+def test_shape_inference_sees_large_weights_as_typed_inputs(monkeypatch):
+    """Shape inference gets weights above _INFER_MAX_ELEMS as typed inputs (shape only, no values);
+    folding must come out the same (here every weight is 'large', the shape constants are not)."""
+    m, _ = paddle_model()
+    onnx_import.set_input_shapes(m, {"x": [1, 3, 4, 4]})
+    ref = fold_shapes(m)
+    monkeypatch.setattr(onnx_import, "_INFER_MAX_ELEMS", 40)
+    light = fold_shapes(m)
+    assert light.SerializeToString() == ref.SerializeToString()
+    assert _shape_input_folded(light, "p2o.Reshape.1")
+
+
 def test_paddle_model_fails_with_one_round(monkeypatch):
     m, _ = paddle_model()
     monkeypatch.setattr(onnx_import, "MAX_FOLD_ROUNDS", 1)
