@@ -280,7 +280,8 @@ def _bad_weight_model(case):
                              value=nh.from_array(np.array([np.nan], np.float32), "v")),
                  h.make_node("Flatten", ["x"], ["f"]), h.make_node("MatMul", ["f", "big"], ["y"], name="mm")]
         return (_model(nodes, [x], [y], [_i64("shp", [75, 1000])]),
-                ["constant 'big' (output of ConstantOfShape node 'fill', evaluated at import)", "weight of MatMul node 'mm'", "75000 NaN value(s) out of 75000"])
+                ["constant 'big' (output of ConstantOfShape node 'fill', evaluated at import)",
+                 "weight of MatMul node 'mm'", "75000 NaN value(s) out of 75000"])
     if case == "transposed":             # weight stored transposed, Transpose folded at import
         wt = r.standard_normal((75, 7)).astype(np.float32)
         wt[0, 0] = np.inf

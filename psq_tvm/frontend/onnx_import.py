@@ -385,7 +385,8 @@ def fold_batchnorm(model, where: str = "<model>"):
                 f"weight value(s) (NaN/Inf values per parameter: {params}; channels with var + epsilon <= 0: "
                 f"{int(np.count_nonzero(var + eps <= 0))}); fix or re-export the model")
         wn, bname = f"{conv.input[1]}__bnfolded", f"{bn.output[0]}__bnbias"
-        new_inits += [numpy_helper.from_array(wf.astype(w.dtype), wn), numpy_helper.from_array(bf.astype(w.dtype), bname)]
+        new_inits += [numpy_helper.from_array(wf.astype(w.dtype), wn),
+                      numpy_helper.from_array(bf.astype(w.dtype), bname)]
         nc = helper.make_node("Conv", [conv.input[0], wn, bname], [bn.output[0]], name=conv.name or bn.name)
         nc.attribute.extend(conv.attribute)
         replaced[ck] = nc
