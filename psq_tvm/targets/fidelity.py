@@ -20,6 +20,7 @@ the output SQNR that per-output-channel 8-bit round-to-nearest weights reach on 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -120,6 +121,7 @@ class FidelityProbe:
         self.model, self.feeds_list, self.source = model, list(feeds_list), source
         self.layers = {str(l["id"]): l for l in model.manifest["layers"]}
         self.reference: list[np.ndarray] = []
+        self._memo: dict[str, dict[str, Any]] = {}
         self.layer_io: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for k, feeds in enumerate(self.feeds_list):
             outs, trace = model.run(feeds, "float", trace=True)
@@ -141,7 +143,12 @@ class FidelityProbe:
         return outs
 
     def output_metrics(self, weights, biases) -> dict[str, Any]:
-        return output_metrics(self.reference, self.outputs(weights, biases))
+        """:func:`output_metrics` of these weights on the probe's inputs (remembered per weights digest:
+        the auto budget's chosen point is not run again for the report)."""
+        key = _digest(weights, biases)
+        if key not in self._memo:
+            self._memo[key] = output_metrics(self.reference, self.outputs(weights, biases))
+        return dict(self._memo[key])
 
     def layer_sqnr(self, weights: Mapping[str, list[np.ndarray]], biases: Mapping[str, np.ndarray | None]
                    ) -> dict[str, float]:
@@ -161,6 +168,16 @@ class FidelityProbe:
                 yqs.append(np.asarray(yq, np.float32).astype(np.float64).ravel())
             out[lid] = _finite(sqnr_db(np.concatenate(ys), np.concatenate(yqs)))
         return out
+
+
+def _digest(weights: Mapping[str, list[np.ndarray]], biases: Mapping[str, np.ndarray | None]) -> str:
+    h = hashlib.sha1()
+    for lid in sorted(weights):
+        for m in weights[lid]:
+            h.update(np.ascontiguousarray(m).tobytes())
+        b = biases.get(lid)
+        h.update(b"-" if b is None else np.ascontiguousarray(b).tobytes())
+    return h.hexdigest()
 
 
 def fidelity_section(probe: FidelityProbe, weights, biases, threshold: dict[str, Any],

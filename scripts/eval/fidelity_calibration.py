@@ -32,7 +32,7 @@ import methods as M  # noqa: E402
 import sweep as S  # noqa: E402
 import workloads as W  # noqa: E402
 
-GRID = (2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0, 6.0)
+GRID = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
 
 
 def quality_ok(workload: str, m: dict, float_m: dict, ref_m: dict) -> bool:
@@ -55,6 +55,8 @@ def run(args) -> dict:
     from psq_tvm.targets.pipeline import CompileContext, CompileOptions, Pipeline, _corrections
 
     wl = W.get_workload(args.workload)
+    if args.items:
+        S.subset_workload(wl, args.items)
     onnx_path = wl.onnx_path()
     opts = CompileOptions(objective=args.objective, granularity=args.granularity, sensitivity=args.sensitivity,
                           bias_correction=args.bias_correction, budget="reduction=4",
@@ -65,7 +67,7 @@ def run(args) -> dict:
     u16 = uniform_crossbars(tiles, spec, 16)
     model = fold_batchnorm(onnx.load(str(onnx_path)))           # the PIM weights are the BN-folded ones
     mapping = M.match_initializers(model, tiles.layers)
-    cache = S.SWEEP_CACHE / f"{args.workload}_isaac"
+    cache = S.SWEEP_CACHE / (f"{args.workload}_isaac" + (f"_n{args.items}" if args.items else ""))
     cache.mkdir(parents=True, exist_ok=True)
     ref_f = cache / "float.npz"
     if ref_f.exists():
@@ -102,7 +104,7 @@ def run(args) -> dict:
         S.log(f"{r}x ({res.crossbars} xbars): synthetic SQNR {syn['sqnr_db']:.1f} dB (rtn8 "
               f"{ref_row['synthetic']['sqnr_db']:.1f}); real {wl.primary_metric} {m[wl.primary_metric]:.4f}"
               f"{' KL %.4f' % m['kl_mean'] if 'kl_mean' in m else ''}; ok={row['ok']}")
-    return {"workload": args.workload, "family": {"objective": args.objective, "granularity": args.granularity,
+    return {"workload": args.workload, "items": wl.num_items, "family": {"objective": args.objective, "granularity": args.granularity,
                                                   "sensitivity": args.sensitivity,
                                                   "bias_correction": args.bias_correction},
             "synthetic_inputs": ctx.probe().source, "fidelity_samples": F.FIDELITY_SAMPLES, "float": float_m,
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bias-correction", default="bn")
     ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--items", type=int, default=None, help="deterministic subset of the evaluation set")
     args = ap.parse_args(argv)
     fam = f"_{args.objective}-{args.granularity}-{args.sensitivity}-{args.bias_correction}"
     out = Path(args.out)
