@@ -113,13 +113,15 @@ _BELOW_BINS = 1.0 - 2.0 ** -20      # |w| * bins / max * this < bins even after 
 def _bin_scale(mx: np.ndarray, bins: int, zero_below: float, shrink: float = 1.0) -> np.ndarray:
     """float32 ``bins / mx`` (times ``shrink``) where ``mx`` is kept, 0 where it is zero or negligible.
 
-    Clamped to the float32 range: then ``|w| * inv <= mx * inv <= bins`` is
+    Divided in float32 like the weights (so normal tiles bin exactly as before),
+    then clamped to the float32 range: ``|w| * inv <= mx * inv <= bins`` is
     finite for every ``|w| <= mx`` (no inf, no 0 * inf = NaN, no negative index).
     """
-    mx = np.asarray(mx, dtype=np.float64)
+    mx = np.asarray(mx, dtype=np.float32)
     keep = (mx > 0) & (mx >= zero_below)
-    inv = np.divide(bins * shrink, mx, out=np.zeros_like(mx), where=keep)
-    return np.minimum(inv, _F32_MAX * shrink).astype(np.float32)
+    with np.errstate(over="ignore", divide="ignore"):
+        inv = np.divide(np.float32(bins * shrink), mx, out=np.zeros_like(mx), where=keep)
+    return np.minimum(inv, np.float32(_F32_MAX * shrink))
 
 
 def tile_histograms(tiles: ModelTiles, bins: int, zero_below: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -353,8 +355,10 @@ def _tie_bias(S: int) -> np.ndarray:
 
 def _pick(raw: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Best candidate along the last axis of the biased objective ``raw [..., S]``: ``(unbiased value, index)``."""
+    S = raw.shape[-1]
     k = np.argmin(raw, axis=-1)
-    return np.take_along_axis(raw, k[..., None], axis=-1)[..., 0] / bias[k], k
+    flat = raw.reshape(-1, S)[np.arange(k.size), k.ravel()].reshape(k.shape)
+    return flat / bias[k], k
 
 
 @functools.lru_cache(maxsize=16)
