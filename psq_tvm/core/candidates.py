@@ -41,7 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .tiling import ModelTiles, canonical_blocks, tile_blocks
+from .tiling import ModelTiles, tile_blocks
 
 OBJECTIVES = ("mse", "cdf-kl")
 DEFAULT_OBJECTIVE = "cdf-kl"   # chosen from the evaluation: README, "Defaults"
@@ -231,6 +231,36 @@ def distortion_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray,
     return out / (thresholds - 1)
 
 
+# ------------------------------------------------------------------ per column
+# A tile column holds at most ``rows`` (128) weights, so a fine histogram per
+# column compresses nothing.  Per column the search uses a coarse histogram
+# (``column_bins``, 64) and evaluates it with candidate kernels that do not
+# represent a bin by its centre:
+#
+# * mse: the squared error averaged over each bin (weights uniform within a
+#   bin), ``E[bin, candidate]``; one float32 matrix product gives every
+#   candidate of every column.  Unlike bin centres this stays accurate when the
+#   quantisation step is finer than a bin (6-8 bits), where it tends to the
+#   rounding noise ``s**2 / 12``.
+# * cdf-kl: ``column_thresholds`` (16) thresholds on bin boundaries.  Every
+#   term ``(P - Q)(logit P - logit Q)`` reads the cumulative histogram at two
+#   boundaries ``(a, j)`` (``a`` the threshold, ``j`` the rounding boundary the
+#   candidate puts below it), and most (threshold, candidate) pairs have
+#   ``j == a`` (term 0) or share a pair with other candidates.  The distinct
+#   nonzero pairs of a bitwidth (a few dozen to ~200, clipped thresholds
+#   included) are computed once per column, and a 0/1 matrix product sums them
+#   into every candidate: the same objective as the gather form, at
+#   matrix-product speed.  At 2 bits every candidate compares all its unclipped
+#   thresholds with one boundary, a sum read from prefix sums.  With 16
+#   thresholds (8 weights each on average) the largest is 15/16 of max|w|, so
+#   this objective does not see clipping above it; ``column_bins=128,
+#   column_thresholds=128`` gives the per-tile definition (128 thresholds) at
+#   several times the cost.
+# The search runs piece by piece (whole tiles, cache-sized) as the histograms
+# are built, without a [T * cols, bins] array.
+# Ties (equal objectives up to float32 rounding) resolve to the least clipping.
+
+
 def _column_blocks(matrix: np.ndarray, grid) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Regular blocks as ``[A, B, tc, tr]`` views (tile columns on axis 2, the column's rows last) with tile ids ``[A, B]``.
 
@@ -319,27 +349,6 @@ def _column_search(tiles: ModelTiles, bits: Sequence[int], config: SearchConfig,
         counts[rows] = hist.sum(axis=1)
     return val, best, colmax.reshape(T, C), energy, counts
 
-
-# ------------------------------------------------------------------ per column
-# A tile column holds at most ``rows`` (128) weights, so a fine histogram per
-# column compresses nothing.  Per column the search uses a coarse histogram
-# (``column_bins``, 64) and evaluates it with candidate kernels that do not
-# represent a bin by its centre:
-#
-# * mse: the squared error averaged over each bin (weights uniform within a
-#   bin), ``E[bin, candidate]``; one float32 matrix product gives every
-#   candidate of every column.  Unlike bin centres this stays accurate when the
-#   quantisation step is finer than a bin (6-8 bits), where it tends to the
-#   rounding noise ``s**2 / 12``.
-# * cdf-kl: ``column_thresholds`` (16) thresholds on bin boundaries.  Every
-#   term ``(P - Q)(logit P - logit Q)`` reads the cumulative histogram at two
-#   boundaries ``(a, j)`` (``a`` the threshold, ``j`` the rounding boundary the
-#   candidate puts below it), and most (threshold, candidate) pairs have
-#   ``j == a`` (term 0) or share a pair with other candidates.  The distinct
-#   nonzero pairs of a bitwidth (a few dozen to ~250) are computed once per
-#   column, and a 0/1 matrix product sums them into every candidate: the same
-#   objective as the gather form, at matrix-product speed.
-# Ties (equal objectives up to float32 rounding) resolve to the least clipping.
 
 _COLUMN_CHUNK = 4096
 _TIE_RTOL = np.float32(1e-6)
