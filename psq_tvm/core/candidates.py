@@ -71,9 +71,10 @@ class SearchConfig:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown scale granularity {self.granularity!r}; choose one of {GRANULARITIES}")
-        if self.column_bins < 16 or self.column_thresholds < 2 or self.column_bins % self.column_thresholds:
-            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 and a multiple of "
-                             f"column_thresholds ({self.column_thresholds}, >= 2)")
+        if self.column_bins < 16 or self.column_thresholds < 2 or (
+                self.granularity == "column" and self.objective == "cdf-kl" and self.column_bins % self.column_thresholds):
+            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 (and a multiple of "
+                             f"column_thresholds ({self.column_thresholds}, >= 2) for cdf-kl per column)")
         if self.n_scales < 1:
             raise ValueError(f"n_scales must be >= 1, got {self.n_scales}")
         if not 0.0 < self.min_clip <= 1.0:
