@@ -41,7 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .tiling import ModelTiles, canonical_blocks, tile_blocks
+from .tiling import ModelTiles, tile_blocks
 
 OBJECTIVES = ("mse", "cdf-kl")
 DEFAULT_OBJECTIVE = "mse"      # chosen from the evaluation: README, "Defaults"
@@ -71,9 +71,10 @@ class SearchConfig:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown scale granularity {self.granularity!r}; choose one of {GRANULARITIES}")
-        if self.column_bins < 16 or self.column_thresholds < 2 or self.column_bins % self.column_thresholds:
-            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 and a multiple of "
-                             f"column_thresholds ({self.column_thresholds}, >= 2)")
+        if self.column_bins < 16 or self.column_thresholds < 2 or (
+                self.granularity == "column" and self.objective == "cdf-kl" and self.column_bins % self.column_thresholds):
+            raise ValueError(f"column_bins ({self.column_bins}) must be >= 16 (and a multiple of "
+                             f"column_thresholds ({self.column_thresholds}, >= 2) for cdf-kl per column)")
         if self.n_scales < 1:
             raise ValueError(f"n_scales must be >= 1, got {self.n_scales}")
         if not 0.0 < self.min_clip <= 1.0:
@@ -113,13 +114,15 @@ _BELOW_BINS = 1.0 - 2.0 ** -20      # |w| * bins / max * this < bins even after 
 def _bin_scale(mx: np.ndarray, bins: int, zero_below: float, shrink: float = 1.0) -> np.ndarray:
     """float32 ``bins / mx`` (times ``shrink``) where ``mx`` is kept, 0 where it is zero or negligible.
 
-    Clamped to the float32 range: then ``|w| * inv <= mx * inv <= bins`` is
+    Divided in float32 like the weights (so normal tiles bin exactly as before),
+    then clamped to the float32 range: ``|w| * inv <= mx * inv <= bins`` is
     finite for every ``|w| <= mx`` (no inf, no 0 * inf = NaN, no negative index).
     """
-    mx = np.asarray(mx, dtype=np.float64)
+    mx = np.asarray(mx, dtype=np.float32)
     keep = (mx > 0) & (mx >= zero_below)
-    inv = np.divide(bins * shrink, mx, out=np.zeros_like(mx), where=keep)
-    return np.minimum(inv, _F32_MAX * shrink).astype(np.float32)
+    with np.errstate(over="ignore", divide="ignore"):
+        inv = np.divide(np.float32(bins * shrink), mx, out=np.zeros_like(mx), where=keep)
+    return np.minimum(inv, np.float32(_F32_MAX * shrink))
 
 
 def tile_histograms(tiles: ModelTiles, bins: int, zero_below: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +232,36 @@ def distortion_cdf_kl(hist: np.ndarray, bits: Sequence[int], ratios: np.ndarray,
     return out / (thresholds - 1)
 
 
+# ------------------------------------------------------------------ per column
+# A tile column holds at most ``rows`` (128) weights, so a fine histogram per
+# column compresses nothing.  Per column the search uses a coarse histogram
+# (``column_bins``, 64) and evaluates it with candidate kernels that do not
+# represent a bin by its centre:
+#
+# * mse: the squared error averaged over each bin (weights uniform within a
+#   bin), ``E[bin, candidate]``; one float32 matrix product gives every
+#   candidate of every column.  Unlike bin centres this stays accurate when the
+#   quantisation step is finer than a bin (6-8 bits), where it tends to the
+#   rounding noise ``s**2 / 12``.
+# * cdf-kl: ``column_thresholds`` (16) thresholds on bin boundaries.  Every
+#   term ``(P - Q)(logit P - logit Q)`` reads the cumulative histogram at two
+#   boundaries ``(a, j)`` (``a`` the threshold, ``j`` the rounding boundary the
+#   candidate puts below it), and most (threshold, candidate) pairs have
+#   ``j == a`` (term 0) or share a pair with other candidates.  The distinct
+#   nonzero pairs of a bitwidth (a few dozen to ~200, clipped thresholds
+#   included) are computed once per column, and a 0/1 matrix product sums them
+#   into every candidate: the same objective as the gather form, at
+#   matrix-product speed.  At 2 bits every candidate compares all its unclipped
+#   thresholds with one boundary, a sum read from prefix sums.  With 16
+#   thresholds (8 weights each on average) the largest is 15/16 of max|w|, so
+#   this objective does not see clipping above it; ``column_bins=128,
+#   column_thresholds=128`` gives the per-tile definition (128 thresholds) at
+#   several times the cost.
+# The search runs piece by piece (whole tiles, cache-sized) as the histograms
+# are built, without a [T * cols, bins] array.
+# Ties (equal objectives up to float32 rounding) resolve to the least clipping.
+
+
 def _column_blocks(matrix: np.ndarray, grid) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Regular blocks as ``[A, B, tc, tr]`` views (tile columns on axis 2, the column's rows last) with tile ids ``[A, B]``.
 
@@ -318,27 +351,6 @@ def _column_search(tiles: ModelTiles, bits: Sequence[int], config: SearchConfig,
     return val, best, colmax.reshape(T, C), energy, counts
 
 
-# ------------------------------------------------------------------ per column
-# A tile column holds at most ``rows`` (128) weights, so a fine histogram per
-# column compresses nothing.  Per column the search uses a coarse histogram
-# (``column_bins``, 64) and evaluates it with candidate kernels that do not
-# represent a bin by its centre:
-#
-# * mse: the squared error averaged over each bin (weights uniform within a
-#   bin), ``E[bin, candidate]``; one float32 matrix product gives every
-#   candidate of every column.  Unlike bin centres this stays accurate when the
-#   quantisation step is finer than a bin (6-8 bits), where it tends to the
-#   rounding noise ``s**2 / 12``.
-# * cdf-kl: ``column_thresholds`` (16) thresholds on bin boundaries.  Every
-#   term ``(P - Q)(logit P - logit Q)`` reads the cumulative histogram at two
-#   boundaries ``(a, j)`` (``a`` the threshold, ``j`` the rounding boundary the
-#   candidate puts below it), and most (threshold, candidate) pairs have
-#   ``j == a`` (term 0) or share a pair with other candidates.  The distinct
-#   nonzero pairs of a bitwidth (a few dozen to ~250) are computed once per
-#   column, and a 0/1 matrix product sums them into every candidate: the same
-#   objective as the gather form, at matrix-product speed.
-# Ties (equal objectives up to float32 rounding) resolve to the least clipping.
-
 _COLUMN_CHUNK = 4096
 _TIE_RTOL = np.float32(1e-6)
 
@@ -353,8 +365,10 @@ def _tie_bias(S: int) -> np.ndarray:
 
 def _pick(raw: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Best candidate along the last axis of the biased objective ``raw [..., S]``: ``(unbiased value, index)``."""
+    S = raw.shape[-1]
     k = np.argmin(raw, axis=-1)
-    return np.take_along_axis(raw, k[..., None], axis=-1)[..., 0] / bias[k], k
+    flat = raw.reshape(-1, S)[np.arange(k.size), k.ravel()].reshape(k.shape)
+    return flat / bias[k], k
 
 
 @functools.lru_cache(maxsize=16)
