@@ -239,8 +239,8 @@ class CompileContext:
         return self.stats[kind]
 
     def weights_of(self, result, corrections: list | None) -> tuple[dict, dict]:
-        """Per layer id: the fake-quantised unrolled matrices (float64) and bias (+ correction) of ``result``,
-        exactly what ``--mode fake-quant`` of the package computes with."""
+        """Per layer id: the fake-quantised unrolled matrices (float64) and bias (+ correction) of ``result``:
+        what ``--mode fake-quant`` of the package computes with (up to the float32 rounding of scale x q)."""
         weights, biases = {}, {}
         for li, rec in enumerate(self.layers):
             lid = str(rec["id"])
