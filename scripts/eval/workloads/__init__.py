@@ -75,7 +75,7 @@ from .base import (  # noqa: F401 - private helpers that other scripts / noteboo
     _wheel_data, Workload)
 
 #: the family modules, in registry order; each defines ``WORKLOADS`` (and may define ``EXTRA_WORKLOADS``)
-FAMILIES = ("fashion", "digits", "efficientnet", "minilm")
+FAMILIES = ("fashion", "digits", "efficientnet", "minilm", "orientation")
 
 WORKLOADS: dict[str, Workload] = {}
 EXTRA_WORKLOADS: dict[str, Workload] = {}
