@@ -48,7 +48,7 @@ def _brute_force(w, bits, ratios, bins, objective, thresholds):
 
 @pytest.mark.parametrize("objective", ["mse", "cdf-kl"])
 def test_search_picks_lowest_objective(rng, objective):
-    cfg = SearchConfig(objective=objective, n_scales=12, bins=64, thresholds=16)
+    cfg = SearchConfig(objective=objective, n_scales=12, bins=64, thresholds=16, granularity="tile")
     bits = (2, 3, 4, 6)
     layers = [Layer("a", _heavy(rng, (20, 12))), Layer("b", _heavy(rng, (9, 5), 0.3))]
     mt = ModelTiles(layers, 8, 8)
@@ -148,12 +148,13 @@ def test_tolerance_mode(rng):
         psq_search(layers, preset(), tolerance=float("nan"))
 
 
-def test_all_zero_tile_defined(rng):
+@pytest.mark.parametrize("granularity", ["tile", "column"])
+def test_all_zero_tile_defined(rng, granularity):
     w = _heavy(rng, (256, 64))
     w[128:] = 0.0                     # second row tile is all zero
-    r = psq_search([Layer("z", w)], preset(), budget="avg-bits=4")
+    r = psq_search([Layer("z", w)], preset(), budget="avg-bits=4", config=SearchConfig(granularity=granularity))
     assert r.bits[1] == min(preset().weight_bits)
-    assert r.scales[1] == 1.0 and r.objective[1] == 0.0
+    assert np.all(r.scales[1] == 1.0) and r.objective[1] == 0.0
     assert not r.levels(0)[0][128:].any()
     assert np.all(np.isfinite(r.dequantized(0)))
 

@@ -109,7 +109,7 @@ def layer_program(result: Any, li: int, cells: np.ndarray | None = None, *, stri
         out_tiles.append({
             "id": t, "group": int(tiles.group[t]), "row0": int(tiles.row0[t]), "col0": int(tiles.col0[t]),
             "nrows": int(tiles.nrows[t]), "ncols": int(tiles.ncols[t]), "bits": int(result.bits[t]),
-            "scale": float(result.scales[t]), "slices": int(slices[t]),
+            "scale": result.tile_scale(t), "slices": int(slices[t]),
             "crossbars": pl.crossbar_ids(t).tolist(),
             "row_off": int(pl.row_off[t]), "col_off": int(pl.col_off[t]),
         })
