@@ -216,14 +216,21 @@ def _fmt_search(r: dict) -> str:
 
 
 def _fmt_fidelity(fid) -> str:
-    """The report's fidelity section in a table cell: its scalar entries (the whole section is in the JSON)."""
+    """The report's fidelity section in a table cell: its numeric and boolean entries, nested dicts flattened one
+    level (``output.sqnr_db``); lists and texts are left out (the whole section is in the JSON)."""
     if not fid:
         return "-"
     if not isinstance(fid, dict):
         return str(fid)
-    items = [(k, v) for k, v in sorted(fid.items()) if isinstance(v, (int, float, str, bool)) or v is None]
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ", ".join(f"{k} {fmt(v)}" for k, v in items) or "(see defaults.json)"
+    ok = lambda k, v: isinstance(v, (int, float, bool)) and not k.endswith("_items") and k != "samples"  # noqa: E731
+    out = []
+    for k, v in sorted(fid.items()):
+        if isinstance(v, dict):
+            out += [f"{k}.{k2} {fmt(v2)}" for k2, v2 in sorted(v.items()) if ok(k2, v2)]
+        elif ok(k, v):
+            out.append(f"{k} {fmt(v)}")
+    return ", ".join(out) or "(see defaults.json)"
 
 
 def geomean(xs) -> float | None:
