@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import numpy as np  # noqa: E402
-
+import package_run as P  # noqa: E402
 import sweep as S  # noqa: E402
 import workloads as W  # noqa: E402
 
@@ -39,30 +36,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("workload")
     ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
+    ap.add_argument("--recompile", action="store_true", help="compile even if the package cache has this package")
     args = ap.parse_args(own)
 
-    import psq_tvm
-
     wl = W.get_workload(args.workload)
-    onnx_path = wl.onnx_path()
-    shapes = " ".join(f"{k}:[{','.join(str(d) for d in v)}]" for k, v in wl.input_shapes.items())
-    tvmc = Path(sys.executable).with_name("tvmc")
-    with tempfile.TemporaryDirectory() as tmp:
-        pkg_path = Path(tmp) / "model.tar"
-        cmd = [str(tvmc), "compile", "--target", "pim-psq", str(onnx_path), "--input-shapes", shapes,
-               "-o", str(pkg_path)] + tvmc_args
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        compile_s = time.perf_counter() - t0
-        pkg = psq_tvm.load(str(pkg_path))
-    X = np.concatenate([wl.feed(x)[wl.input_name] for x, _ in wl.batches()])[: wl.num_items]
+    pkg, compile_s, cached = P.compile_workload(wl, tvmc_args, recompile=args.recompile)
+    if cached:
+        S.log(f"package from the cache (compiled in {compile_s:.0f} s)")
     from psq_tvm.runtime.simulator import SimOptions
 
     outs = {}
     for mode in ("float", "fake-quant", "sim"):
         t0 = time.perf_counter()
-        outs[mode] = pkg.run_batched(X, mode=mode, sim_options=SimOptions(seed=0) if mode == "sim" else None)
-        S.log(f"{mode}: {len(X)} items in {time.perf_counter() - t0:.0f} s")
+        outs[mode] = P.run_package(pkg, wl, mode, sim_options=SimOptions(seed=0) if mode == "sim" else None)
+        S.log(f"{mode}: {wl.num_items} items in {time.perf_counter() - t0:.0f} s")
     m = wl.metrics([outs["fake-quant"]], reference=outs["float"])
     m_sim = wl.metrics([outs["sim"]], reference=outs["float"])
     report = pkg.report

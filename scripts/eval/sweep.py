@@ -55,6 +55,8 @@ CRITERIA = {
     "efficientnet_bn": ("agree_top1", "min", 0.99, "top-1 agreement with float >= 99 %"),
     "minilm_lee": ("spearman", "drop", 0.005, "Spearman drop <= 0.005 (gains count as no loss)"),
     "minilm_wordsim": ("spearman", "drop", 0.005, "Spearman drop <= 0.005 (same bar as Lee; issue sets none)"),
+    "orientation": ("agree_top1", "min", 0.99, "top-1 agreement with float >= 99 %"),
+    "orientation_folded": ("agree_top1", "min", 0.99, "top-1 agreement with float >= 99 %"),
 }
 PAPER_REDUCTION = 3.5
 
@@ -116,6 +118,18 @@ def parse_family(fam: str) -> tuple[str, str, str | None, str | None]:
     return obj, gran, sens, bc
 
 
+def baseline_methods(tiles, spec):
+    """(name, thunk) of the non-PSQ rows (uniform, per-channel RTN-8 reference, per-tile RTN, HQQ), in table order."""
+    return [
+        ("uniform16-layer", lambda: M.uniform(tiles, spec, 16)),
+        ("uniform8-layer", lambda: M.uniform(tiles, spec, 8)),
+        ("rtn8-channel", lambda: M.rtn_per_channel(tiles, spec, 8)),
+        ("rtn4-tile", lambda: M.rtn(tiles, spec, 4)),
+        ("rtn3-tile", lambda: M.rtn(tiles, spec, 3)),
+        ("hqq4-tile", lambda: M.hqq(tiles, spec, 4)),
+    ]
+
+
 def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_FAMILIES, importance=None,
                 input_stats=None):
     """(name, thunk) of every method row, in table order; ``importance(obj, gran, kind)`` -> tile weights,
@@ -126,14 +140,7 @@ def method_list(tiles, spec, reductions, tolerances, quick: bool, families=PSQ_F
     n3 = uniform_crossbars(tiles, spec, 3)
     budgets = [f"reduction={r:g}" for r in reductions]
     eq = [f"crossbars={n}" for n in sorted({n4, n3})]
-    rows = [
-        ("uniform16-layer", lambda: M.uniform(tiles, spec, 16)),
-        ("uniform8-layer", lambda: M.uniform(tiles, spec, 8)),
-        ("rtn8-channel", lambda: M.rtn_per_channel(tiles, spec, 8)),
-        ("rtn4-tile", lambda: M.rtn(tiles, spec, 4)),
-        ("rtn3-tile", lambda: M.rtn(tiles, spec, 3)),
-        ("hqq4-tile", lambda: M.hqq(tiles, spec, 4)),
-    ]
+    rows = baseline_methods(tiles, spec)
     for fam in families:
         obj, gran, sens, bc = parse_family(fam)
         for b in budgets + eq:
@@ -173,6 +180,104 @@ def primary_ok(workload: str, m: dict, f: dict) -> bool:
     if kind == "min":
         return m[key] >= thr
     return abs(m[key] - f[key]) <= thr + 1e-12
+
+
+#: search settings of the one compile that yields the tiles (sweep.prepare): the tiles are the same for any
+#: search settings; fixed cheap ones (today's per-tile search, no statistics) so that changed compiler
+#: defaults (an automatic budget, a fidelity check) do not slow every sweep down or change what it reads
+PREPARE_SEARCH = {"objective": "cdf-kl", "granularity": "tile", "budget": "reduction=4", "sensitivity": "none",
+                  "bias_correction": "none"}
+
+
+class Context:
+    """What every row of a sweep shares: the workload (possibly restricted to a subset), its ONNX model with
+    the BatchNorms folded as psq-tvm folds them, one default compile (its PIM layers, tiled), the ONNX
+    initializers of those layers, the uniform crossbar counts, and the float reference on these items."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def prepare(workload: str, preset: str = "isaac", items: int | None = None, quick: bool = False) -> Context:
+    """Set up a sweep of ``workload`` on ``preset`` (``items``: a deterministic subset) -- see :class:`Context`.
+
+    The float reference is cached in ``.cache/sweep/<tag>/float.npz``, the rows by weights (``evaluate``)."""
+    import onnx
+    import psq_tvm
+    from psq_tvm.core.quant import uniform_crossbars
+
+    wl = W.get_workload(workload)
+    onnx_path = wl.onnx_path()
+    onnx_model = onnx.load(str(onnx_path))
+    has_bn = any(n.op_type == "BatchNormalization" for n in onnx_model.graph.node)
+    # psq-tvm folds BatchNorm into the convs on import, so the PIM weights are the folded ones: evaluate
+    # (float reference included) on the same folding of the model (unchanged for models without BN)
+    from psq_tvm.frontend.onnx_import import fold_batchnorm
+    onnx_model = fold_batchnorm(onnx_model)
+    idx = subset_workload(wl, items) if items else None
+    tag = f"{workload}_{preset}" + ("_quick" if quick else (f"_n{items}" if idx is not None else ""))
+    cache_dir = SWEEP_CACHE / tag
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{tag}: {wl.num_items} items")
+
+    # 1. one compile -> the PIM layers, tiled (the tiles do not depend on the search settings; fixed ones keep
+    #    this compile cheap and independent of the compiler's defaults)
+    t0 = time.perf_counter()
+    pkg = psq_tvm.compile(str(onnx_path), target="pim-psq", preset=preset,
+                          input_shapes={k: list(v) for k, v in wl.input_shapes.items()}, **PREPARE_SEARCH)
+    compile_s = time.perf_counter() - t0
+    qr0 = pkg.quant_result
+    tiles, spec = qr0.tiles, qr0.spec
+    mapping = M.match_initializers(onnx_model, tiles.layers)
+    log(f"compiled in {compile_s:.1f} s: {len(tiles.layers)} PIM layers, {tiles.n_tiles} tiles, "
+        f"{pkg.report.get('n_host_layers')} weight layers on host")
+    u16, u8 = uniform_crossbars(tiles, spec, 16), uniform_crossbars(tiles, spec, 8)
+
+    # float reference on exactly these items
+    ref_f = cache_dir / "float.npz"
+    reuse = None
+    if not ref_f.exists() and idx is None and not has_bn:
+        # no BatchNorm: the model run here is the workload's own export, whose float-TVM outputs the workload
+        # caches (``python scripts/eval/workloads``; same import, same build): take them instead of a re-run
+        reuse = wl.reference_outputs(compute=False)
+    if ref_f.exists():
+        z = np.load(ref_f)
+        ref, float_run_s = z["out"], float(z["run_s"])
+    elif reuse is not None:
+        ref, float_run_s = reuse, 0.0
+        np.savez(ref_f, out=ref, run_s=float_run_s)
+        log(f"float reference: the workload's cached float-TVM outputs ({wl._ref_path().name})")
+    else:
+        t0 = time.perf_counter()
+        ref = wl._concat(wl.run_tvm(onnx_model))
+        float_run_s = time.perf_counter() - t0
+        np.savez(ref_f, out=ref, run_s=float_run_s)
+    fm = wl.metrics([ref], reference=ref)
+    log(f"float: {wl.primary_metric} = {fm[wl.primary_metric]:.4f} ({float_run_s:.0f} s)")
+    return Context(workload=workload, preset=preset, wl=wl, onnx_path=onnx_path, onnx_model=onnx_model, idx=idx,
+                   tag=tag, cache_dir=cache_dir, pkg=pkg, compile_s=compile_s, tiles=tiles, spec=spec,
+                   mapping=mapping, u16=u16, u8=u8, ref=ref, float_run_s=float_run_s, fm=fm)
+
+
+def method_row(ctx: Context, res) -> tuple[dict, bool]:
+    """Evaluate one method's result (weight-only, TVM host build, cached by weights) -> (row, cached)."""
+    m, run_s, cached, key = evaluate(ctx.wl, ctx.onnx_model, ctx.mapping, res, ctx.ref, ctx.cache_dir, "")
+    row = {"method": res.name, "family": res.family, "config": res.config, "crossbars": res.crossbars,
+           "reduction_vs_u16": ctx.u16 / res.crossbars, "reduction_vs_u8": ctx.u8 / res.crossbars,
+           "avg_bits": res.avg_bits, "search_seconds": round(res.search_seconds, 3),
+           "scale_values": res.scale_values, "note": res.note, "metrics": m,
+           "run_seconds": round(run_s, 1), "weights_md5": key}
+    row["negligible_loss"] = primary_ok(ctx.workload, m, ctx.fm)
+    return row, cached
+
+
+def baseline_row(ctx: Context, method: str = "rtn8-channel") -> tuple[dict, bool]:
+    """The sweep's row of one baseline method (``baseline_methods``), e.g. the issue-6 reference ``rtn8-channel``."""
+    thunks = dict(baseline_methods(ctx.tiles, ctx.spec))
+    if method not in thunks:
+        raise SystemExit(f"sweep: unknown baseline {method!r}; choose from {', '.join(thunks)}")
+    return method_row(ctx, thunks[method]())
+
 
 
 def run_sim(wl, args, onnx_path, spec_name, points, weight_rows, ref_full, idx_sim):
@@ -235,53 +340,18 @@ def main(argv=None) -> int:
                     help="objective:granularity:budget,...; 'none' to skip")
     args = ap.parse_args(argv)
 
-    import onnx
     import psq_tvm
     from psq_tvm.core.allocation import BudgetError
 
     t_start = time.perf_counter()
-    wl = W.get_workload(args.workload)
-    onnx_path = wl.onnx_path()
-    onnx_model = onnx.load(str(onnx_path))
-    # psq-tvm folds BatchNorm into the convs on import, so the PIM weights are the folded ones: evaluate
-    # (float reference included) on the same folding of the model (unchanged for models without BN)
-    from psq_tvm.frontend.onnx_import import fold_batchnorm
-    onnx_model = fold_batchnorm(onnx_model)
-    n_items = args.items or (1000 if args.quick else None)
-    idx = subset_workload(wl, n_items) if n_items else None
-    tag = f"{args.workload}_{args.preset}" + ("_quick" if args.quick else (f"_n{n_items}" if idx is not None else ""))
-    cache_dir = SWEEP_CACHE / tag
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    log(f"{tag}: {wl.num_items} items")
-
-    # 1. one compile -> the PIM layers, tiled
-    t0 = time.perf_counter()
-    pkg = psq_tvm.compile(str(onnx_path), target="pim-psq", preset=args.preset,
-                          input_shapes={k: list(v) for k, v in wl.input_shapes.items()})
-    compile_s = time.perf_counter() - t0
-    qr0 = pkg.quant_result
-    tiles, spec = qr0.tiles, qr0.spec
-    mapping = M.match_initializers(onnx_model, tiles.layers)
-    log(f"compiled in {compile_s:.1f} s: {len(tiles.layers)} PIM layers, {tiles.n_tiles} tiles, "
-        f"{pkg.report.get('n_host_layers')} weight layers on host")
-    from psq_tvm.core.quant import uniform_crossbars
-    u16, u8 = uniform_crossbars(tiles, spec, 16), uniform_crossbars(tiles, spec, 8)
-
-    # float reference on exactly these items
-    ref_f = cache_dir / "float.npz"
-    if ref_f.exists():
-        z = np.load(ref_f)
-        ref, float_run_s = z["out"], float(z["run_s"])
-    else:
-        t0 = time.perf_counter()
-        ref = wl._concat(wl.run_tvm(onnx_model))
-        float_run_s = time.perf_counter() - t0
-        np.savez(ref_f, out=ref, run_s=float_run_s)
-    fm = wl.metrics([ref], reference=ref)
+    ctx = prepare(args.workload, args.preset, args.items or (1000 if args.quick else None), args.quick)
+    wl, onnx_path, onnx_model, pkg = ctx.wl, ctx.onnx_path, ctx.onnx_model, ctx.pkg
+    idx, tag, cache_dir, compile_s = ctx.idx, ctx.tag, ctx.cache_dir, ctx.compile_s
+    tiles, spec, mapping, u16, u8 = ctx.tiles, ctx.spec, ctx.mapping, ctx.u16, ctx.u8
+    ref, fm = ctx.ref, ctx.fm
     rows = [{"method": "float", "family": "float", "crossbars": None, "reduction_vs_u16": None,
              "reduction_vs_u8": None, "avg_bits": 32.0, "search_seconds": 0.0, "metrics": fm,
-             "run_seconds": round(float_run_s, 1)}]
-    log(f"float: {wl.primary_metric} = {fm[wl.primary_metric]:.4f} ({float_run_s:.0f} s)")
+             "run_seconds": round(ctx.float_run_s, 1)}]
 
     reductions = QUICK_REDUCTIONS if args.quick else REDUCTIONS
     if args.reductions:
@@ -329,19 +399,14 @@ def main(argv=None) -> int:
         except BudgetError as e:          # e.g. reduction=5 on a preset whose 2-bit floor is 4x
             log(f"skipped: {e}")
             continue
-        m, run_s, cached, key = evaluate(wl, onnx_model, mapping, res, ref, cache_dir, "")
-        row = {"method": res.name, "family": res.family, "config": res.config, "crossbars": res.crossbars,
-               "reduction_vs_u16": u16 / res.crossbars, "reduction_vs_u8": u8 / res.crossbars,
-               "avg_bits": res.avg_bits, "search_seconds": round(res.search_seconds, 3),
-               "scale_values": res.scale_values, "note": res.note, "metrics": m,
-               "run_seconds": round(run_s, 1), "weights_md5": key}
-        row["negligible_loss"] = primary_ok(args.workload, m, fm)
+        row, cached = method_row(ctx, res)
         rows.append(row)
-        z = np.load(cache_dir / f"{key}.npz")
+        z = np.load(cache_dir / f"{row['weights_md5']}.npz")
         weight_rows[res.name] = dict(row, _out=z["out"])
         log(f"{res.name:32s} xb {res.crossbars:5d} ({u16 / res.crossbars:4.2f}x) bits {res.avg_bits:5.2f} "
-            f"{wl.primary_metric} {m[wl.primary_metric]:.4f} {'ok' if row['negligible_loss'] else '--'} "
-            f"search {res.search_seconds:.2f} s run {run_s:.0f} s{' (cached)' if cached else ''}")
+            f"{wl.primary_metric} {row['metrics'][wl.primary_metric]:.4f} "
+            f"{'ok' if row['negligible_loss'] else '--'} "
+            f"search {res.search_seconds:.2f} s run {row['run_seconds']:.0f} s{' (cached)' if cached else ''}")
 
     sim_rows = []
     if args.sim_points != "none" and len(wl.input_names) == 1:
