@@ -44,7 +44,7 @@ def quality_ok(workload: str, m: dict, float_m: dict, ref_m: dict) -> bool:
     return m["agree_top1"] >= ref_m["agree_top1"] - 1e-12 and m["kl_mean"] <= ref_m["kl_mean"] + 1e-12
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
     import onnx
 
     from psq_tvm.core.allocation import Budget, BudgetError, allocate_budget
@@ -87,7 +87,7 @@ def run(args) -> dict:
                "synthetic": ctx.reference_rtn8(), "real": real(rtn.weights, None)}
     S.log(f"rtn8-channel: synthetic SQNR {ref_row['synthetic']['sqnr_db']:.1f} dB; real {ref_row['real']}")
     rows = []
-    for r in GRID:
+    for r in (tuple(float(v) for v in args.grid.split(",")) if args.grid else GRID):
         try:
             choice, _ = allocate_budget(ctx.candidates, tiles, spec, Budget("reduction", r))
         except BudgetError as e:
@@ -101,6 +101,8 @@ def run(args) -> dict:
         row = {"reduction_budget": r, "crossbars": int(res.crossbars), "reduction": u16 / res.crossbars,
                "synthetic": syn, "real": m, "ok": quality_ok(args.workload, m, float_m, ref_row["real"])}
         rows.append(row)
+        if save is not None:                                   # every point is kept, even if the run is cut
+            save({"workload": args.workload, "partial": True, "rtn8_channel": ref_row, "points": rows})
         S.log(f"{r}x ({res.crossbars} xbars): synthetic SQNR {syn['sqnr_db']:.1f} dB (rtn8 "
               f"{ref_row['synthetic']['sqnr_db']:.1f}); real {wl.primary_metric} {m[wl.primary_metric]:.4f}"
               f"{' KL %.4f' % m['kl_mean'] if 'kl_mean' in m else ''}; ok={row['ok']}")
@@ -139,14 +141,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--items", type=int, default=None, help="deterministic subset of the evaluation set")
+    ap.add_argument("--grid", default=None, help=f"comma list of reductions (default {','.join(map(str, GRID))})")
     args = ap.parse_args(argv)
     fam = f"_{args.objective}-{args.granularity}-{args.sensitivity}-{args.bias_correction}"
     out = Path(args.out)
     if args.summary:
         summary(out, fam)
         return 0
-    res = run(args)
-    W.write_json(out / f"{args.workload}_fidelity_calibration{fam}.json", res)
+    path = out / f"{args.workload}_fidelity_calibration{fam}.json"
+    res = run(args, save=lambda partial: W.write_json(path, partial))
+    W.write_json(path, res)
     return 0
 
 
