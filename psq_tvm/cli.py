@@ -108,9 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-tolerance", type=float, metavar="T",
                    help="instead of a budget: each tile takes the smallest bitwidth whose distortion is below T")
     c.add_argument("--psq-min-fidelity", metavar="F",
-                   help=f"fidelity the auto budget must meet, and below which compile warns: rtn8 (the output SQNR "
-                   "of per-output-channel 8-bit round-to-nearest on the same inputs), rtn8-D / rtn8+D (D dB below "
-                   f"/ above it) or an SQNR in dB (default: {DEFAULT_MIN_FIDELITY}; why: README, 'Defaults')")
+                   help="fidelity (output SQNR against float) the auto budget must meet, and below which compile "
+                   "warns: an SQNR in dB, rtn8 (the output SQNR of per-output-channel 8-bit round-to-nearest on the "
+                   "same inputs), rtn8-D / rtn8+D (D dB below / above it), or several of these comma separated: the "
+                   f"lowest counts (default: {DEFAULT_MIN_FIDELITY}; why: README, 'Defaults')")
     c.add_argument("--calib-inputs", metavar="IN.npz",
                    help="a few real, unlabelled inputs (one array [n, ...] per model input name, or a single array): "
                    "the fidelity guard and the auto budget measure on them instead of synthetic inputs; they feed "

@@ -115,15 +115,29 @@ def test_rtn8_reference_weights_match_a_per_channel_loop():
             np.testing.assert_allclose(got[g][:, co], want, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("text,want", [(None, ("rtn8", 0.0)), ("rtn8", ("rtn8", 0.0)), ("rtn8-3", ("rtn8", -3.0)),
-                                       ("rtn8+1.5", ("rtn8", 1.5)), ("22", ("db", 22.0)), ("22.5dB", ("db", 22.5))])
+@pytest.mark.parametrize("text,want", [("rtn8", [("rtn8", 0.0)]), ("rtn8-3", [("rtn8", -3.0)]),
+                                       ("rtn8+1.5", [("rtn8", 1.5)]), ("22", [("db", 22.0)]),
+                                       ("22.5dB", [("db", 22.5)]), ("23, rtn8-2", [("db", 23.0), ("rtn8", -2.0)])])
 def test_parse_min_fidelity(text, want):
-    if text is None:
-        want = F.parse_min_fidelity(F.DEFAULT_MIN_FIDELITY)
     assert F.parse_min_fidelity(text) == want
+    assert F.parse_min_fidelity(None) == F.parse_min_fidelity(F.DEFAULT_MIN_FIDELITY)
 
 
-@pytest.mark.parametrize("bad", ["rtn4", "fast", "inf", "rtn8-"])
+def test_threshold_is_the_lowest_rule():
+    """Two rules: the threshold is the lower one, and the report says which (rtn8 measured independently)."""
+    from psq_tvm.targets.pipeline import CompileContext, CompileOptions, Pipeline
+
+    ctx = CompileContext(small_cnn(), CompileOptions(spec=SPEC, budget="reduction=3", min_fidelity="200,rtn8-1"))
+    Pipeline.default().run(ctx)
+    ref = ctx.reference_rtn8()["sqnr_db"]
+    assert ctx.fidelity["threshold"]["sqnr_db"] == pytest.approx(ref - 1)
+    assert "lowest of" in ctx.fidelity["threshold"]["rule"]
+    ctx2 = CompileContext(small_cnn(), CompileOptions(spec=SPEC, budget="reduction=3", min_fidelity="5,rtn8"))
+    Pipeline.default().run(ctx2)
+    assert ctx2.fidelity["threshold"]["sqnr_db"] == 5.0
+
+
+@pytest.mark.parametrize("bad", ["rtn4", "fast", "inf", "rtn8-", "23,"])
 def test_parse_min_fidelity_refuses(bad):
     with pytest.raises(F.FidelityError, match="psq-min-fidelity"):
         F.parse_min_fidelity(bad)

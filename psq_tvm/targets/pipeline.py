@@ -267,15 +267,18 @@ class CompileContext:
         return self._probe
 
     def threshold(self) -> dict[str, Any]:
-        """The fidelity threshold (output SQNR, dB) and the rule it comes from."""
+        """The fidelity threshold (output SQNR, dB): the lowest of the --psq-min-fidelity rules."""
         if self._threshold is None:
-            rule, value = F.parse_min_fidelity(self.options.min_fidelity)
-            if rule == "db":
-                self._threshold = {"rule": f"--psq-min-fidelity {value:g} dB", "sqnr_db": value}
-            else:
-                ref = self.reference_rtn8()
-                self._threshold = {"rule": "per-channel 8-bit RTN on the same inputs" +
-                                   (f" {value:+g} dB" if value else ""), "sqnr_db": ref["sqnr_db"] + value}
+            parts = []
+            for rule, value in F.parse_min_fidelity(self.options.min_fidelity):
+                if rule == "db":
+                    parts.append((value, f"{value:g} dB"))
+                else:
+                    ref = self.reference_rtn8()["sqnr_db"]
+                    parts.append((ref + value, f"per-channel 8-bit RTN ({ref:.1f} dB){f' {value:+g} dB' if value else ''}"))
+            value, why = min(parts)
+            rule = why if len(parts) == 1 else f"lowest of {', '.join(p[1] for p in parts)}: {why}"
+            self._threshold = {"rule": rule, "sqnr_db": value}
         return self._threshold
 
     def reference_rtn8(self) -> dict[str, Any]:
@@ -401,8 +404,8 @@ def stage_fidelity(ctx: CompileContext) -> None:
     t0 = time.perf_counter()
     probe = ctx.probe()
     w, b = ctx.weights_of(ctx.result, ctx.bias_corrections)
-    rule, _ = F.parse_min_fidelity(ctx.options.min_fidelity)
-    ctx.fidelity = F.fidelity_section(probe, w, b, ctx.threshold(), ctx.reference_rtn8() if rule == "rtn8" else None)
+    relative = any(rule == "rtn8" for rule, _ in F.parse_min_fidelity(ctx.options.min_fidelity))
+    ctx.fidelity = F.fidelity_section(probe, w, b, ctx.threshold(), ctx.reference_rtn8() if relative else None)
     if ctx.auto_budget is not None:
         ctx.fidelity["auto_budget"] = ctx.auto_budget
     ctx.timing["fidelity_seconds"] = ctx.timing.get("fidelity_seconds", 0.0) + time.perf_counter() - t0
