@@ -37,6 +37,10 @@ bench: setup
 eval-setup: $(VENV)/.eval-installed
 
 $(VENV)/.eval-installed: $(VENV)/.installed
+	@if [ ! -d /usr/share/fonts/truetype/dejavu ] || [ ! -d /usr/share/datasets/fashion-mnist ] || \
+	    [ ! -d /usr/share/doc/opencv-doc/examples/data ]; then \
+	  (apt-get update -q && apt-get install -y -q fonts-dejavu dataset-fashion-mnist opencv-doc) || \
+	  echo "make eval-setup: install the Debian packages fonts-dejavu dataset-fashion-mnist opencv-doc (as root)"; fi
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test,plot,eval]"
 	$(PY) -m pip install -q --no-deps "ccexam==1.0.0"
