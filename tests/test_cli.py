@@ -15,7 +15,7 @@ pytest.importorskip("tvm")
 
 from psq_tvm.cli import main  # noqa: E402
 
-from test_onnx_models import model, small_cnn, vi  # noqa: E402
+from test_onnx_models import small_cnn  # noqa: E402
 
 
 def run_cli(capsys, *args):

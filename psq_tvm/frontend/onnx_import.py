@@ -566,7 +566,6 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     Returns ``(mod, info)`` with ``info`` = {"inputs": [...], "names": {fingerprint: onnx node name},
     "model": display name, "bn_stats": {node name: (E[x], E[x^2]) per input channel, from BatchNorms}}.
     """
-    import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -690,7 +689,6 @@ def _static_shape(ty) -> list[int] | None:
 
 
 def _np_eval(call) -> np.ndarray | None:
-    from tvm import relax
     from tvm.ir.expr import Constant
 
     op = call.op.name

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.ir.expr import Call, Constant
+from tvm.ir.expr import Call
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .partition import LAYER_ATTR, composite_calls

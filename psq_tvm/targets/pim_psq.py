@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Callable
 
 from ..core.crossbar import DEFAULT_PRESET, CrossbarSpec, SpecError, parse_bits, preset
-from .pipeline import TARGETS
+from .pipeline import TARGETS  # noqa: F401  (the target names, re-exported for the CLI)
 from .tag import TAG
 
 #: crossbar options settable with --target-pim-psq-<option> (CLI spelling uses '-')

@@ -345,9 +345,9 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     ctx = prepare(args.workload, args.preset, args.items or (1000 if args.quick else None), args.quick)
-    wl, onnx_path, onnx_model, pkg = ctx.wl, ctx.onnx_path, ctx.onnx_model, ctx.pkg
+    wl, onnx_path, pkg = ctx.wl, ctx.onnx_path, ctx.pkg
     idx, tag, cache_dir, compile_s = ctx.idx, ctx.tag, ctx.cache_dir, ctx.compile_s
-    tiles, spec, mapping, u16, u8 = ctx.tiles, ctx.spec, ctx.mapping, ctx.u16, ctx.u8
+    tiles, spec, u16, u8 = ctx.tiles, ctx.spec, ctx.u16, ctx.u8
     ref, fm = ctx.ref, ctx.fm
     rows = [{"method": "float", "family": "float", "crossbars": None, "reduction_vs_u16": None,
              "reduction_vs_u8": None, "avg_bits": 32.0, "search_seconds": 0.0, "metrics": fm,

@@ -100,7 +100,7 @@ def layer_program(result: Any, li: int, cells: np.ndarray | None = None, *, stri
     Conv hyper-parameters are not part of a ``QuantResult`` and are given here.
     """
     del cells
-    tiles, pl, spec = result.tiles, result.placement, result.spec
+    tiles, pl = result.tiles, result.placement
     lay = tiles.layers[li]
     slices = result.slices
     out_tiles = []
