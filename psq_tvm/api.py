@@ -15,15 +15,15 @@ def compile(model_or_path: Any, target: str = "pim-psq", *, output: str | os.Pat
 
     Options: ``input_shapes`` ({name: shape} or ``"input:[1,3,224,224]"``), ``preset`` (crossbar
     preset name), ``spec`` (a :class:`~psq_tvm.CrossbarSpec`), any CrossbarSpec field
-    (``rows=256, adc_bits=None, weight_bits="2-8"``, ...), ``objective`` ('mse' | 'cdf-kl'),
-    ``budget`` ('avg-bits=4.5' | 'crossbars=N' | 'reduction=3.5'), ``tolerance``, ``bits``,
-    ``granularity`` ('tile' | 'column'), ``sensitivity`` ('none' | 'synthetic' | 'bn'), ``bias_correction``
-    ('bn' (default): DFQ bias correction from the model's BatchNorm statistics, a no-op without
-    BatchNorm | 'synthetic': from synthetic input means | 'none'),
-    ``emit_c_header``, ``fold_batchnorm`` (fold inference BatchNorm into the preceding conv, default
-    True), ``float_weights`` (store the original weights for ``mode="float"``,
-    default True), ``progress`` (a callable taking a message).  With ``output`` the package is
-    also written there (atomically).
+    (``rows=256, adc_bits=None, weight_bits="2-8"``, ...), and every field of
+    :class:`psq_tvm.targets.pipeline.CompileOptions`: ``objective`` ('mse' | 'cdf-kl'), ``granularity``
+    ('column' | 'tile'), ``budget`` ('auto' (default) | 'avg-bits=4.5' | 'crossbars=N' | 'reduction=3.5'),
+    ``tolerance``, ``bits``, ``min_fidelity`` (what auto must meet, e.g. '23,rtn8-2'), ``calib_inputs``
+    ({input name: array [n, ...]}: the fidelity guard measures on them), ``sensitivity`` / ``bias_correction``
+    ('none' | 'synthetic' | 'bn' | 'calib'), ``emit_c_header``, ``fold_batchnorm``, ``float_weights``;
+    plus ``progress`` / ``warn`` (callables taking a message) and ``pipeline`` (your own
+    :class:`~psq_tvm.targets.pipeline.Pipeline`).  With ``output`` the package is also written there
+    (atomically).
     """
     from .targets.pim_psq import build
 
