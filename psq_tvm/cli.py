@@ -19,8 +19,9 @@ import numpy as np
 
 from .core.crossbar import DEFAULT_PRESET, PRESETS
 from .core.search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, GRANULARITIES, OBJECTIVES
-from .core.sensitivity import BIAS_CORRECTIONS, DEFAULT_BIAS_CORRECTION
+from .core.sensitivity import DEFAULT_BIAS_CORRECTION
 from .targets.fidelity import DEFAULT_MIN_FIDELITY
+from .targets.pipeline import STAT_SOURCES
 
 _SPEC_HELP = {
     "rows": "wordlines (inputs) per crossbar",
@@ -88,13 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-granularity", default=DEFAULT_GRANULARITY, choices=list(GRANULARITIES),
                    help="tile: one scale per crossbar tile; column: one scale per tile column (bitline), applied "
                    f"in the digital stage after the ADC at no crossbar cost (default: {DEFAULT_GRANULARITY})")
-    c.add_argument("--psq-sensitivity", default="none", choices=["none", "synthetic", "bn", "calib"],
+    c.add_argument("--psq-sensitivity", default="none", choices=list(STAT_SOURCES),
                    help="how tile distortions are weighted in the whole-model budget: none = relative error per "
                    "layer; synthetic = weighted by each layer's input energy per row, estimated data-free from a "
                    "float run on seeded synthetic inputs; bn = the same energy from the BatchNorm before each layer "
                    "(the model's own statistics, propagated through ReLU/Clip/Add; layers without one get "
                    "weight 1); calib = measured on --calib-inputs (default: none)")
-    c.add_argument("--psq-bias-correction", default=DEFAULT_BIAS_CORRECTION, choices=list(BIAS_CORRECTIONS) + ["calib"],
+    c.add_argument("--psq-bias-correction", default=DEFAULT_BIAS_CORRECTION, choices=list(STAT_SOURCES),
                    help="data-free bias correction (DFQ): add -E[x]^T (W_q - W) to each PIM layer's bias, so the "
                    "quantisation error does not shift the expected output; input means E[x] from: synthetic = a "
                    "float run on seeded synthetic inputs; bn = the BatchNorm before each layer (layers without one "

@@ -26,8 +26,6 @@ import numpy as np
 from .quant import QuantResult
 from .tiling import Layer, ModelTiles, unroll
 
-#: where bias correction takes the input means E[x] from (``--psq-bias-correction``)
-BIAS_CORRECTIONS = ("none", "synthetic", "bn")
 #: chosen from the evaluation (README, "Defaults"): a no-op for models without BatchNorm
 DEFAULT_BIAS_CORRECTION = "bn"
 

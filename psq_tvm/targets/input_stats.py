@@ -16,9 +16,6 @@ import numpy as np
 
 from ..frontend.input_ranges import synthetic_inputs
 
-#: where the data-free input statistics come from: seeded N(0,1) inputs run through the float model, or
-#: the model's BatchNorm parameters propagated analytically (psq_tvm.bn_stats)
-SENSITIVITIES = ("none", "synthetic", "bn")
 #: synthetic samples for the data-free input statistics (seeded standard normal in the input space)
 SYNTHETIC_SAMPLES = 32
 

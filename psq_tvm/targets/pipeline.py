@@ -44,20 +44,22 @@ from ..core.candidates import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConf
 from ..core.crossbar import CrossbarSpec, parse_bits
 from ..core.report import build_report
 from ..core.search import quant_result
-from ..core.sensitivity import BIAS_CORRECTIONS, DEFAULT_BIAS_CORRECTION, input_weighted_importance
+from ..core.sensitivity import DEFAULT_BIAS_CORRECTION, input_weighted_importance
 from ..core.tables import crossbar_cells
 from ..core.tiling import Layer, ModelTiles, unroll
 from ..runtime.package import FORMAT, VERSION, Package
 from . import fidelity as F
-from .input_stats import (SENSITIVITIES, batchnorm_layer_stats, bias_corrections, float_input_stats,
+from .input_stats import (batchnorm_layer_stats, bias_corrections, float_input_stats,
                           synthetic_feeds, synthetic_input_stats)
 from .tag import TAG, register_tag
 
 TARGETS = ("pim-psq", "llvm")
 #: the compile's default budget: the fewest crossbars whose fidelity meets --psq-min-fidelity
 DEFAULT_COMPILE_BUDGET = "auto"
-#: where statistics may come from (``calib``: the user's --calib-inputs)
+#: where input statistics may come from (``calib``: the user's --calib-inputs)
 STAT_KINDS = ("synthetic", "bn", "calib")
+#: the choices of --psq-sensitivity and --psq-bias-correction
+STAT_SOURCES = ("none",) + STAT_KINDS
 #: the auto budget scans crossbar budgets n_top / step (n_top: every tile at its least distortion) ...
 AUTO_STEPS = (1.1, 1.2, 1.3, 1.45, 1.6, 1.8, 2.0, 2.25, 2.5, 2.8, 3.2, 3.6, 4.0, 5.0)
 #: ... then bisects between the last pass and the first failure to this relative precision
@@ -114,11 +116,9 @@ class CompileOptions:
             self.budget = DEFAULT_COMPILE_BUDGET
         if self.budget is not None and str(self.budget).strip() != "auto":
             Budget.parse(self.budget)                       # a clear error now, not after the import
-        if self.sensitivity not in SENSITIVITIES + ("calib",):
-            raise CompileError(f"unknown sensitivity {self.sensitivity!r}; choose one of {SENSITIVITIES + ('calib',)}")
-        if self.bias_correction not in BIAS_CORRECTIONS + ("calib",):
-            raise CompileError(f"unknown bias correction {self.bias_correction!r}; choose one of "
-                               f"{BIAS_CORRECTIONS + ('calib',)}")
+        for what, value in (("sensitivity", self.sensitivity), ("bias correction", self.bias_correction)):
+            if value not in STAT_SOURCES:
+                raise CompileError(f"unknown {what} {value!r}; choose one of {STAT_SOURCES}")
         if "calib" in (self.sensitivity, self.bias_correction) and self.calib_inputs is None:
             raise CompileError("--psq-sensitivity/--psq-bias-correction calib need --calib-inputs")
         F.parse_min_fidelity(self.min_fidelity)
@@ -159,6 +159,7 @@ class CompileContext:
     _float_model: Package | None = None
     _probe: Any = None
     _threshold: dict | None = None
+    _rtn8: dict | None = None
 
     @property
     def spec(self) -> CrossbarSpec:
@@ -283,11 +284,11 @@ class CompileContext:
 
     def reference_rtn8(self) -> dict[str, Any]:
         """Output metrics of per-output-channel 8-bit round-to-nearest weights on the probe's inputs."""
-        if "rtn8" not in self.stats:
+        if self._rtn8 is None:
             w = {str(r["id"]): F.rtn8_channel_matrices(r, r["weight"]) for r in self.layers}
             b = {str(r["id"]): r["bias_array"] for r in self.layers}
-            self.stats["rtn8"] = self.probe().output_metrics(w, b)
-        return self.stats["rtn8"]
+            self._rtn8 = self.probe().output_metrics(w, b)
+        return self._rtn8
 
 
 def tile_entries(result, li: int) -> list[dict[str, Any]]:
