@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .core.crossbar import DEFAULT_PRESET, PRESETS
+from .core.quant import DEFAULT_ROUNDING, ROUNDINGS
 from .core.search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, GRANULARITIES, OBJECTIVES
 from .core.sensitivity import DEFAULT_BIAS_CORRECTION
 from .targets.fidelity import DEFAULT_MIN_FIDELITY
@@ -89,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-granularity", default=DEFAULT_GRANULARITY, choices=list(GRANULARITIES),
                    help="tile: one scale per crossbar tile; column: one scale per tile column (bitline), applied "
                    f"in the digital stage after the ADC at no crossbar cost (default: {DEFAULT_GRANULARITY})")
+    c.add_argument("--psq-rounding", default=DEFAULT_ROUNDING, choices=list(ROUNDINGS),
+                   help="how the integer levels are formed: nearest = round to nearest; balanced = then round the "
+                   "fewest weights of each crossbar column the other way so that the column's rounding errors sum "
+                   f"to at most half a level (SQuant-style; each weight moves by at most one level) "
+                   f"(default: {DEFAULT_ROUNDING}; why: README, 'Defaults')")
     c.add_argument("--psq-sensitivity", default="none", choices=list(STAT_SOURCES),
                    help="how tile distortions are weighted in the whole-model budget: none = relative error per "
                    "layer; synthetic = weighted by each layer's input energy per row, estimated data-free from a "
@@ -186,7 +192,8 @@ def cmd_compile(a) -> int:
         raise CLIError("-o/--output must name the package file")
     calib = _read_npz(a.calib_inputs, "--calib-inputs")[0] if a.calib_inputs else None
     pkg = psq_compile(a.FILE, a.target, input_shapes=a.input_shapes, preset=a.target_pim_psq_preset,
-                      objective=a.psq_objective, granularity=a.psq_granularity, sensitivity=a.psq_sensitivity,
+                      objective=a.psq_objective, granularity=a.psq_granularity, rounding=a.psq_rounding,
+                      sensitivity=a.psq_sensitivity,
                       bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance,
                       bits=a.psq_bits, min_fidelity=a.psq_min_fidelity, calib_inputs=calib,
                       emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,

@@ -570,7 +570,7 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     from tvm.relax.frontend.onnx import from_onnx
 
     from .bn_stats import batchnorm_input_stats
-    from .input_ranges import index_ranges
+    from .input_ranges import index_ranges, input_normalization
 
     model, where = prepare_onnx(model_or_path, input_shapes, batchnorm=False)
     bn_stats = batchnorm_input_stats(model)          # before the BatchNorms are folded away
@@ -595,7 +595,7 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
         mod = relax.transform.FoldConstant()(mod)   # whatever numpy did not cover (rare)
     check_relax_weights(mod, where, model)
     return mod, {"inputs": inputs, "names": weight_names(model), "model": where, "bn_stats": bn_stats,
-                 "index_ranges": index_ranges(model)}
+                 "index_ranges": index_ranges(model), "input_normalization": input_normalization(model, shape_dict)}
 
 
 #: ops whose shape-like input TVM's importer needs as a constant -> its position
