@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .files import OutputPathError, check_output_path, write_with
+
 FORMAT = "psq-tvm-package"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -143,35 +145,29 @@ class Package:
         return files
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write the package as a tar, atomically (no partial file is ever left at ``path``)."""
+        """Write the package as a tar, atomically (no partial file is ever left at ``path``; see
+        :mod:`psq_tvm.runtime.files`)."""
         path = os.fspath(path)
         files = self.members()
-        d = os.path.dirname(os.path.abspath(path)) or "."
-        if not os.path.isdir(d):
-            raise PackageError(f"cannot write {path!r}: directory {d!r} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=".psq-", suffix=".tar.tmp", dir=d)
         try:
-            with os.fdopen(fd, "wb") as f:
-                with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                    tar.copybufsize = 1 << 22
-                    for name in sorted(files):
-                        data = files[name]
-                        info = tarfile.TarInfo(name)
-                        info.size = len(data)
-                        info.mtime = MTIME
-                        info.mode = 0o644
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, _BufferReader(data))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+            check_output_path(path, "package")
+        except OutputPathError as e:
+            raise PackageError(str(e)) from None
+
+        def write_tar(f) -> None:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                tar.copybufsize = 1 << 22
+                for name in sorted(files):
+                    data = files[name]
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    info.mtime = MTIME
+                    info.mode = 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, _BufferReader(data))
+
+        write_with(path, write_tar, suffix=".tar.tmp", what="package")
         self.path = path
         return path
 
