@@ -279,7 +279,7 @@ def _load_inputs(pkg, path: str | None) -> tuple[dict[str, np.ndarray], np.ndarr
 
 def cmd_run(a) -> int:
     from .runtime.files import check_output_path, write_with
-    from .runtime.package import load
+    from .runtime.package import cast_input, load
 
     say = _progress(a.quiet)
     if a.outputs:
@@ -288,6 +288,10 @@ def cmd_run(a) -> int:
     mode = a.mode or _default_mode()
     inputs, labels = _load_inputs(pkg, a.inputs)
     info = pkg.manifest["inputs"]
+    for i in info:                  # a cast that keeps the values is done and said; any other is an error
+        inputs[i["name"]], note = cast_input(inputs[i["name"]], i["dtype"], i["name"])
+        if note and not a.quiet:
+            print(f"tvmc: note: {note}", file=sys.stderr, flush=True)
     say(f"running {a.PACKAGE} in mode {mode}")
     batched = (len(info) == 1 and inputs[info[0]["name"]].ndim == len(info[0]["shape"])
                and list(inputs[info[0]["name"]].shape[1:]) == list(info[0]["shape"][1:])
@@ -404,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _signals.clear()
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is signal.SIG_IGN:     # e.g. a background job of a script: keep it ignored
+            continue
         try:
             old[sig] = signal.signal(sig, _on_signal)
         except ValueError:          # not the main thread: leave the handlers alone

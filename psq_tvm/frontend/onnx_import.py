@@ -67,6 +67,10 @@ def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
             out[name] = [int(d) for d in dims.replace(" ", "").split(",") if d != ""]
         except ValueError:
             raise ModelImportError(f"cannot parse --input-shapes {text!r}: dims of {name!r} must be integers") from None
+        bad = [d for d in out[name] if d <= 0]
+        if bad:
+            raise ModelImportError(f"--input-shapes {text!r}: every dim of {name!r} must be a positive integer, "
+                                   f"got {out[name]}; give the real sizes, e.g. '{name}:[1,3,224,224]'")
     if not out:
         raise ModelImportError(f"cannot parse --input-shapes {text!r}: expected e.g. 'input:[1,3,224,224]'")
     return out
@@ -147,7 +151,13 @@ def set_input_shapes(model, shapes: Mapping[str, Sequence[int]], where: str = "m
                 inp.type.tensor_type.shape.dim.add().dim_value = int(d)
         else:
             for k, d in enumerate(dims):
-                if not d.HasField("dim_value") or d.dim_value <= 0:
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    shape = [x.dim_value if x.HasField("dim_value") else (x.dim_param or "?") for x in dims]
+                    raise ModelImportError(
+                        f"{where}: input {inp.name!r} declares dim {k} as {d.dim_value} (shape {shape}): an input "
+                        f"without elements cannot be compiled; give the real sizes with --input-shapes "
+                        f"\"{inp.name}:[...]\"")
+                if not d.HasField("dim_value"):
                     if k == 0:  # a symbolic batch dim: default 1
                         d.Clear()
                         d.dim_value = 1
@@ -581,12 +591,18 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     dtype_dict = {i["name"]: i["dtype"] for i in inputs}
     import warnings
 
+    import contextlib
+    import io
+
+    said = io.StringIO()                      # the importer prints "Error converting operator ..." itself
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(said):
             warnings.simplefilter("ignore")   # "X in initializer but not in graph input" (IR < 4 models)
             mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     except Exception as e:
-        msg = " ".join(str(e).strip().split())[:400] or type(e).__name__
+        op = re.search(r"Error converting operator (\w+)", said.getvalue())
+        msg = (f"at operator {op.group(1)}: " if op else "") + (" ".join(str(e).strip().split())[:400]
+                                                                or type(e).__name__)
         raise ModelImportError(f"model {where}: TVM's ONNX importer failed: {msg}{_computed_shape_hint(model, msg)}") \
             from None
     mod = relax.transform.DecomposeOpsForInference()(mod)
