@@ -386,15 +386,18 @@ def _interrupted_exit() -> int:
     return 130
 
 
+#: TVM's advice inside printed IR, meaningless to a tvmc user
+_TVM_NOISE = "# Metadata omitted. Use show_meta=True in script() method to show it."
+
+
 def _error_line(e: BaseException) -> str:
-    """One line saying what went wrong; TVM's C++ context and stack traces only with --debug."""
-    text = str(e)
-    if type(e).__module__.split(".")[0] == "tvm" or "Stack trace" in text or "Traceback" in text:
+    """One line saying what went wrong; TVM's C++ stack traces only with --debug."""
+    text = str(e).replace(_TVM_NOISE, "")
+    if "Stack trace" in text or "Traceback" in text:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         body = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "Stack trace", "[bt]"))
                 and not ln[:1].isdigit()]
-        first = body[-1] if body else type(e).__name__
-        return f"{first} (inside TVM; run with --debug for TVM's full message)"
+        return f"{body[-1] if body else type(e).__name__} (run with --debug for the full message)"
     return " ".join(text.split()) or type(e).__name__
 
 

@@ -158,7 +158,8 @@ class PartitionForPIM:
     fingerprints to model layer names (from :func:`psq_tvm.importer.weight_names`).
     Layers left on the host are recorded, with the reason, in the module attribute
     ``pim_psq.host_layers`` (a JSON list of ``{name, op, reason}``).  A constant weight with NaN/Inf
-    values or no elements is a :class:`~psq_tvm.frontend.ModelImportError` (as at ONNX import).
+    values or no elements is an error (:class:`~psq_tvm.frontend.ModelImportError`, which TVM's pass
+    machinery re-raises as ``RuntimeError``), as at ONNX import.
     """
 
     def __init__(self, spec: CrossbarSpec | None = None, names: Mapping[str, str] | None = None):
