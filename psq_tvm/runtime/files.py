@@ -23,7 +23,8 @@ import os
 import re
 import stat
 import tempfile
-from typing import IO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 #: prefix of every temporary this module makes (``.psq-<pid>-...``)
 TEMP_PREFIX = ".psq-"
@@ -159,5 +160,13 @@ def write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], None], suf
     return os.fspath(path)
 
 
-__all__ = ["OutputPathError", "TEMP_PREFIX", "atomic_write", "check_output_path", "current_umask",
-           "remove_stale_temporaries", "write_bytes", "write_with"]
+__all__ = [
+    "TEMP_PREFIX",
+    "OutputPathError",
+    "atomic_write",
+    "check_output_path",
+    "current_umask",
+    "remove_stale_temporaries",
+    "write_bytes",
+    "write_with",
+]
