@@ -349,7 +349,10 @@ def verify(pkg, inputs: dict, batched: bool, sim_options=None, max_loss: str | N
 def cmd_report(a) -> int:
     from .runtime.package import load
     from .core.report import format_table, plot
+    from .runtime.files import check_output_path, write_with
 
+    if a.plot:
+        check_output_path(a.plot, "--plot")
     pkg = load(a.PACKAGE)
     rep = pkg.report
     if a.json:
@@ -360,7 +363,8 @@ def cmd_report(a) -> int:
               f"{pkg.spec.encoding})")
         print(format_table(rep))
     if a.plot:
-        plot(rep, a.plot)
+        fmt = os.path.splitext(a.plot)[1][1:].lower() or "png"
+        write_with(a.plot, lambda f: plot(rep, f, fmt), suffix=f".{fmt}.tmp", what="--plot")
         print(f"wrote {a.plot}", file=sys.stderr)
     return 0
 

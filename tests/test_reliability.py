@@ -363,3 +363,29 @@ def test_debug_shows_the_traceback(tmp_path, capfd):
     for argv in (["--debug", "report", str(tmp_path / "nope.tar")], ["report", "--debug", str(tmp_path / "nope.tar")]):
         with pytest.raises(Exception, match="does not exist"):
             main(argv)
+
+
+def test_plot_written_atomically_not_through_a_symlink(compiled, tmp_path, capfd):
+    """--plot was written by matplotlib straight to the path, following a symlink planted there."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "r.png").symlink_to(victim)
+    rc, _, err = run_cli(capfd, "report", compiled, "--plot", tmp_path / "r.png")
+    assert rc == 0, err
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "r.png").is_symlink() and (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, _, err = run_cli(capfd, "report", compiled, "--plot", tmp_path / "nodir" / "r.png")
+    one_line_error(rc, err, "--plot", "does not exist")
+    assert sorted(os.listdir(tmp_path)) == ["r.png", "victim"]
+
+
+def test_api_output_directory_checked_before_compiling(tmp_path, model, monkeypatch):
+    import psq_tvm
+    import psq_tvm.targets.pim_psq as pim_psq
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled before checking the output directory")
+
+    monkeypatch.setattr(pim_psq, "build", no_compile)
+    with pytest.raises(PackageError, match="does not exist"):
+        psq_tvm.compile(str(model), output=tmp_path / "nodir" / "m.tar")
