@@ -191,7 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-seed", type=int, metavar="N", help="seed of the non-idealities (default 0)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
 
-    rp = sub.add_parser("report", parents=[common], help="per-layer tiles, bitwidths and crossbars vs. baselines of a package")
+    rp = sub.add_parser("report", parents=[common],
+                        help="per-layer tiles, bitwidths and crossbars vs. baselines of a package")
     rp.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
     rp.add_argument("--plot", metavar="FILE.png", help="draw bitwidths per layer/tile and crossbars per layer")
@@ -201,16 +202,14 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ compile
 def cmd_compile(a) -> int:
     from .api import compile as psq_compile
-    from .runtime.files import write_bytes
+    from .runtime.files import check_output_path, write_bytes
     from .targets.pim_psq import SPEC_OPTIONS
+    from .targets.pipeline import require_c_compiler
 
     say = _progress(a.quiet)
     overrides = {f: getattr(a, f"spec_{f}") for f in SPEC_OPTIONS if getattr(a, f"spec_{f}") is not None}
     if a.target == "llvm" and (overrides or a.psq_budget or a.psq_tolerance is not None or a.psq_bits):
         say("note: --target llvm ignores the crossbar and PSQ options")
-    from .runtime.files import check_output_path
-    from .targets.pipeline import require_c_compiler
-
     if not a.output:
         raise CLIError("-o/--output must name the package file")
     check_output_path(a.output, "-o/--output")        # before the compile, not after it
