@@ -25,8 +25,14 @@ def compile(model_or_path: Any, target: str = "pim-psq", *, output: str | os.Pat
     :class:`~psq_tvm.targets.pipeline.Pipeline`).  With ``output`` the package is also written there
     (atomically).
     """
+    from .runtime.files import OutputPathError, check_output_path
     from .targets.pim_psq import build
 
+    if output is not None:
+        try:
+            check_output_path(output, "output")        # before the compile, not after it
+        except OutputPathError as e:
+            raise PackageError(str(e)) from None
     if "preset" in options:
         options["preset_name"] = options.pop("preset")
     pkg = build(model_or_path, target, **options)

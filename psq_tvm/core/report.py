@@ -105,8 +105,10 @@ def format_fidelity(fid: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def plot(rep: dict[str, Any], path: str) -> str:
-    """Two panels: bitwidth of every tile per layer, and crossbars per layer vs. baselines."""
+def plot(rep: dict[str, Any], path: Any, format: str | None = None) -> Any:  # noqa: A002 (matplotlib's name)
+    """Two panels: bitwidth of every tile per layer, and crossbars per layer vs. baselines.
+
+    ``path``: a file name or a binary file object (then ``format``, e.g. 'png', says the image format)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,6 +148,6 @@ def plot(rep: dict[str, Any], path: str) -> str:
                       f"(threshold {fid['threshold']['sqnr_db']:.1f} dB)", fontsize=9)
         ax3.set_xticks(x)
         ax3.set_xticklabels([l["name"] for l in layers], rotation=70, fontsize=7)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=format)
     plt.close(fig)
     return path

@@ -653,7 +653,24 @@ def _auto_budget(ctx: CompileContext) -> tuple[np.ndarray, str]:
                    f"(threshold {thr:.1f} dB; {why})"
 
 
+def require_c_compiler() -> str:
+    """The C compiler TVM's ``export_library`` links the host library with; a clear error when there is none."""
+    import shutil
+
+    from tvm.support.cc import get_cc
+
+    cc = get_cc()
+    if cc and shutil.which(cc.split()[0]):
+        return cc
+    where = f"$CC/$CXX names {cc!r}, which is not an executable" if cc else \
+        "no g++, gcc, clang++, clang, c++ or cc on PATH"
+    raise RuntimeError(f"no C compiler ({where}): TVM links the host library with one; install one "
+                       "(e.g. `apt-get install gcc`, `dnf install gcc`, `xcode-select --install`) or set CC "
+                       "to its path")
+
+
 def _export(ex) -> bytes:
+    require_c_compiler()
     with tempfile.TemporaryDirectory(prefix="psq-build-") as d:
         p = os.path.join(d, "host_library.so")
         ex.export_library(p)
