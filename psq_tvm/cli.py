@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     for f in SPEC_OPTIONS:
         c.add_argument(f"--target-pim-psq-{f.replace('_', '-')}", dest=f"spec_{f}", metavar="VALUE",
                        help=f"crossbar option: {_SPEC_HELP.get(f, f)} (default: from the preset)")
+    c.add_argument("--target-pim-psq-cost", metavar="FILE.json",
+                   help="override the preset's hardware cost numbers (energy, latency, area; fields of "
+                   "psq_tvm.core.cost.CostParams, e.g. {\"adc_pj\": {\"8\": 1.5}}); stored in the package")
     c.add_argument("--psq-objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                    help=f"per-tile distortion the search minimises (default: {DEFAULT_OBJECTIVE}; "
                    "why: README, 'Defaults')")
@@ -190,7 +193,7 @@ def cmd_compile(a) -> int:
                       bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance,
                       bits=a.psq_bits, min_fidelity=a.psq_min_fidelity, calib_inputs=calib,
                       emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
-                      fold_batchnorm=not a.no_fold_batchnorm, progress=say,
+                      fold_batchnorm=not a.no_fold_batchnorm, cost=a.target_pim_psq_cost, progress=say,
                       warn=lambda msg: print(f"tvmc: {msg}", file=sys.stderr, flush=True), **overrides)
     pkg.save(a.output)
     if isinstance(a.emit_c_header, str):
