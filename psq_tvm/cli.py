@@ -173,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
     rp.add_argument("--plot", metavar="FILE.png", help="draw bitwidths per layer/tile and crossbars per layer")
+    rp.add_argument("--cost", metavar="FILE.json", help="recompute energy/latency/area from the package with these "
+                    "cost numbers over the stored ones (fields of psq_tvm.core.cost.CostParams)")
     return p
 
 
@@ -317,6 +319,10 @@ def cmd_report(a) -> int:
 
     pkg = load(a.PACKAGE)
     rep = pkg.report
+    if a.cost and pkg.layers:
+        from .core.cost import cost_from_manifest
+
+        rep["cost"] = cost_from_manifest(pkg.manifest, a.cost)
     if a.json:
         print(json.dumps(rep, indent=1, sort_keys=True))
     else:

@@ -278,16 +278,7 @@ def cost_params(preset_name: str, overrides: Mapping[str, Any] | str | None = No
     base = COST_PRESETS.get(preset_name, _ISAAC)
     if overrides is None:
         return base
-    if isinstance(overrides, str):
-        try:
-            with open(overrides, encoding="utf-8") as f:
-                overrides = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CostError(f"cannot read cost parameters from {overrides!r}: {e}; give a JSON object of "
-                            "CostParams fields (e.g. {\"adc_pj\": {\"8\": 1.5}})") from None
-        if not isinstance(overrides, dict):
-            raise CostError("the cost parameter file must hold a JSON object of CostParams fields")
-    return base.replace(overrides)
+    return base.replace(_read_overrides(overrides))
 
 
 # ------------------------------------------------------------------------------ the mapping to cost
@@ -508,3 +499,31 @@ def chips_warning(section: Mapping[str, Any]) -> str | None:
                 f"{section['params']} chip holds {COST_PRESETS.get(section['params'], _ISAAC).crossbars_per_chip}); "
                 "its latency and energy assume the chips work as one pipeline")
     return None
+
+
+def cost_from_manifest(manifest: Mapping[str, Any], overrides: Mapping[str, Any] | str | None = None) -> dict[str, Any]:
+    """The ``cost`` section recomputed from a package manifest alone (its tiles, layer shapes, spec and stored
+    cost numbers), with optional overrides of those numbers: what ``tvmc report --cost FILE`` prints."""
+    spec = CrossbarSpec.from_dict(manifest["spec"])
+    stored = (manifest.get("report") or {}).get("cost") or {}
+    base = CostParams.from_dict(stored["params_values"]) if "params_values" in stored else cost_params(spec.name)
+    params = base if overrides is None else base.replace(_read_overrides(overrides))
+    layers = manifest["layers"]
+    model = CostModel.from_layers(layers, spec, params, manifest.get("host_layers", []))
+    out = cost_section(mapping_from_manifest(layers), spec, model)
+    out["params_values"] = params.to_dict()
+    return out
+
+
+def _read_overrides(overrides: Mapping[str, Any] | str) -> Mapping[str, Any]:
+    if not isinstance(overrides, str):
+        return overrides
+    try:
+        with open(overrides, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CostError(f"cannot read cost parameters from {overrides!r}: {e}; give a JSON object of "
+                        "CostParams fields (e.g. {\"adc_pj\": {\"8\": 1.5}})") from None
+    if not isinstance(d, dict):
+        raise CostError(f"{overrides!r}: the cost parameter file must hold a JSON object of CostParams fields")
+    return d

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Accuracy against energy (issue 15 item 3): energy budgets vs crossbar budgets on the same cost model.
+
+    .venv/bin/python scripts/eval/energy.py WORKLOAD [--preset isaac] [--items N] [--out docs/results]
+
+1. One compile (``sweep.prepare``) gives the PIM layers, tiled, and the manifest layer shapes; the cost
+   model is ``CostModel.from_layers`` with the preset's numbers (``psq_tvm.core.cost``).
+2. One PSQ candidate table (mse, per-column scales: the compile's defaults); for each crossbar budget
+   ``reduction=R`` and each energy budget ``energy-reduction=R`` the whole-model Lagrangian allocates, and
+   for every crossbar point also ``energy=<that point's energy>``: the same energy, spent by the energy
+   cost instead of the crossbar count.
+3. Each allocation is evaluated weight-only through the workload's TVM host build (``sweep.method_row``,
+   cached by weights); energy, latency, area and crossbars come from the cost model.
+4. Writes ``<out>/energy_<workload>_<preset>.json`` and ``.png`` (accuracy vs energy, both budget kinds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import methods as M  # noqa: E402
+import sweep as S  # noqa: E402
+
+CROSSBAR_REDUCTIONS = (3.0, 4.0, 5.0)
+ENERGY_REDUCTIONS = (2.0, 2.5, 3.0, 3.5)
+
+
+def main(argv=None) -> int:
+    from psq_tvm.core.allocation import Budget, allocate_budget
+    from psq_tvm.core.candidates import SearchConfig, evaluate_candidates
+    from psq_tvm.core.cost import CostModel, cost_params, mapping_from_placement
+    from psq_tvm.core.packing import pack
+    from psq_tvm.core.search import quant_result
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("workload")
+    ap.add_argument("--preset", default="isaac")
+    ap.add_argument("--items", type=int, default=None, help="a deterministic subset of the evaluation set")
+    ap.add_argument("--out", default=str(HERE.parent.parent / "docs" / "results"))
+    a = ap.parse_args(argv)
+
+    ctx = S.prepare(a.workload, a.preset, items=a.items)
+    tiles, spec = ctx.tiles, ctx.spec
+    model = CostModel.from_layers(ctx.pkg.layers, spec, cost_params(spec.name), ctx.pkg.manifest.get("host_layers", []))
+    table = evaluate_candidates(tiles, spec.weight_bits, SearchConfig(objective="mse", granularity="column"))
+
+    def point(budget: str) -> dict:
+        choice, note = allocate_budget(table, tiles, spec, Budget.parse(budget), model)
+        qr = quant_result(table, tiles, spec, choice, "mse", note=note)
+        res = M._from_quant_result(f"psq {budget}", "psq-mse-column", qr, {"budget": budget})
+        row, _ = S.method_row(ctx, res)
+        m = mapping_from_placement(tiles.layer, tiles.nrows, tiles.ncols, qr.slices, qr.placement)
+        ev = model.evaluate(m)
+        S.log(f"{budget}: {qr.crossbars} crossbars, {ev['energy_uj']:.4g} uJ, "
+              f"{ctx.wl.primary_metric} {row['metrics'][ctx.wl.primary_metric]:.4f}")
+        return {"budget": budget, "kind": Budget.parse(budget).kind, "crossbars": int(qr.crossbars),
+                "avg_bits": float(qr.avg_bits), "energy_uj": ev["energy_uj"], "latency_us": ev["latency_us"],
+                "area_mm2": ev["area_mm2"], "energy_parts_uj": ev["energy_parts_uj"],
+                "layer_avg_bits": [r["avg_bits"] for r in qr.layer_table()],
+                "bits": [int(b) for b in qr.bits], "metrics": row["metrics"], "note": note}
+
+    sl16 = np.full(tiles.n_tiles, spec.slices(16))
+    u16 = model.evaluate(mapping_from_placement(tiles.layer, tiles.nrows, tiles.ncols, sl16,
+                                                pack(tiles.nrows, tiles.ncols, sl16, spec.rows, spec.cols,
+                                                     spec.polarities)))
+    crossbar_pts = [point(f"reduction={r:g}") for r in CROSSBAR_REDUCTIONS]
+    energy_pts = [point(f"energy-reduction={r:g}") for r in ENERGY_REDUCTIONS]
+    same_energy = []
+    for p in crossbar_pts:
+        q = point(f"energy={p['energy_uj']:.9g}")
+        differ = int(np.sum(np.array(p["bits"]) != np.array(q["bits"])))
+        same_energy.append({"crossbar_budget": p["budget"], "energy_budget": q["budget"], "tiles_differ": differ,
+                            "crossbar_point": {k: p[k] for k in ("crossbars", "energy_uj", "avg_bits", "metrics")},
+                            "energy_point": {k: q[k] for k in ("crossbars", "energy_uj", "avg_bits", "metrics")},
+                            "layer_avg_bits": {"crossbar_budget": p["layer_avg_bits"],
+                                               "energy_budget": q["layer_avg_bits"]}})
+        energy_pts.append(q)
+    out = {"workload": a.workload, "preset": a.preset, "items": a.items or ctx.wl.num_items,
+           "metric": ctx.wl.primary_metric, "float": ctx.fm, "uniform16": {k: u16[k] for k in
+                                                                            ("energy_uj", "latency_us", "area_mm2", "crossbars")},
+           "layers": [l.name for l in tiles.layers], "n_vec": model.n_vec.tolist(),
+           "crossbar_budgets": crossbar_pts, "energy_budgets": energy_pts, "same_energy": same_energy,
+           "command": "scripts/eval/energy.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    for pts in (crossbar_pts, energy_pts):
+        for p in pts:
+            p.pop("bits")
+    outdir = Path(a.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    stem = outdir / f"energy_{a.workload}_{a.preset}"
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1, sort_keys=True))
+    tmp.replace(stem.with_suffix(".json"))
+    plot(out, stem.with_suffix(".png"))
+    S.log(f"wrote {stem}.json/.png")
+    return 0
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = out["metric"]
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for pts, mark, lab in ((out["crossbar_budgets"], "o-", "crossbar budget (reduction=R)"),
+                           (out["energy_budgets"], "s--", "energy budget")):
+        pts = sorted(pts, key=lambda p: p["energy_uj"])
+        ax.plot([p["energy_uj"] for p in pts], [p["metrics"][key] for p in pts], mark, label=lab)
+    ax.axhline(out["float"][key], color="gray", lw=0.8, label="float")
+    ax.set_xlabel(f"energy per inference (uJ, {out['preset']} numbers; uniform16 {out['uniform16']['energy_uj']:.3g})")
+    ax.set_ylabel(key)
+    ax.set_title(f"{out['workload']}: accuracy vs energy")
+    ax.legend(fontsize=8)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
