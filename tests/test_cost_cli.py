@@ -72,6 +72,7 @@ def test_report_recomputes_from_the_package_alone(energy_pkg, model, capsys):
     # doubling the ADC energy adds exactly the ADC part again
     (model / "adc2.json").write_text(json.dumps({"adc_pj": {"9": 6.0}}))
     rc, out, _ = run(capsys, "report", energy_pkg, "--json", "--cost", model / "adc2.json")
+    assert rc == 0
     dbl = json.loads(out)["cost"]["psq"]
     assert dbl["energy_uj"] == pytest.approx(stored["psq"]["energy_uj"] + stored["psq"]["energy_parts_uj"]["adc"])
 
