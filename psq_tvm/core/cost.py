@@ -35,6 +35,7 @@ Units: energy pJ, time ns, area um^2 inside; reports give uJ, us and mm^2.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import math
 from typing import Any, Mapping, Sequence
@@ -66,7 +67,7 @@ class CostParams:
     adc_rule: str = "sample"
     """Conversion time: ``sample`` = 1 / rate; ``mnsim`` = (bits + 2) / rate (MNSIM 2.0's ADC model)."""
     digital_ns: float = 1.0
-    """One digital add in the periphery (row-tile accumulation, in sequence)."""
+    """One digital add in the periphery (row-tile accumulation, in sequence; PUMA ``cycle_time`` = 1 ns)."""
     # ---------------------------------------------------------------- energy, pJ
     xbar_read_pj: float = 30.0
     """One read of a whole array (all rows driven), one input bit-cycle."""
@@ -294,7 +295,6 @@ class TileMapping:
     n_crossbars: int       # physical crossbars of the whole model (packed)
 
 
-
 def mapping_from_placement(layer, nrows, ncols, slices, placement) -> TileMapping:
     return TileMapping(np.asarray(layer), np.asarray(nrows), np.asarray(ncols), np.asarray(slices),
                        np.asarray(placement.set_of_tile), int(placement.n_crossbars))
@@ -414,15 +414,16 @@ class CostModel:
     def replicate(self, lat: np.ndarray, xbars: np.ndarray, spare: float) -> np.ndarray:
         """Replicas per layer from ``spare`` crossbars: copy the slowest layer while it fits (greedy)."""
         reps = np.ones(len(lat), dtype=np.int64)
-        lat = np.asarray(lat, np.float64)
-        while True:
-            cur = lat / reps
-            order = np.argsort(-cur, kind="stable")
-            k = int(order[0])
-            if cur[k] <= 0 or xbars[k] > spare or reps[k] >= self.n_vec[k]:
-                return reps
+        heap = [(-float(t), k) for k, t in enumerate(lat)]      # slowest first, ties by layer order
+        heapq.heapify(heap)
+        while heap:
+            neg, k = heap[0]
+            if -neg <= 0 or xbars[k] > spare or reps[k] >= self.n_vec[k]:
+                break                                   # the slowest layer cannot be copied: the interval stays
             spare -= xbars[k]
             reps[k] += 1
+            heapq.heapreplace(heap, (-float(lat[k]) / reps[k], k))
+        return reps
 
     # -------------------------------------------------------------- area
     def grouping(self, n_crossbars: int) -> dict[str, int]:
@@ -491,13 +492,13 @@ def cost_section(m: TileMapping, spec: CrossbarSpec, model: CostModel) -> dict[s
     return out
 
 
-def chips_warning(section: Mapping[str, Any]) -> str | None:
+def chips_warning(section: Mapping[str, Any], params: CostParams) -> str | None:
     """A warning when the PSQ mapping needs more than one chip."""
     psq = section.get("psq") or {}
     if psq.get("chips", 1) > 1:
-        return (f"the model needs {psq['chips']} chips of {psq['tiles']} tiles ({psq['crossbars']} crossbars; one "
-                f"{section['params']} chip holds {COST_PRESETS.get(section['params'], _ISAAC).crossbars_per_chip}); "
-                "its latency and energy assume the chips work as one pipeline")
+        return (f"the model does not fit one chip: it needs {psq['chips']} chips ({psq['crossbars']} crossbars in "
+                f"{psq['tiles']} tiles; one {params.name} chip holds {params.crossbars_per_chip} crossbars in "
+                f"{params.tiles_per_chip} tiles); its latency and energy assume the chips work as one pipeline")
     return None
 
 

@@ -443,7 +443,7 @@ def stage_cost(ctx: CompileContext) -> None:
     p = ctx.cost["psq"]
     ctx.say(f"cost ({model.params.name} numbers): {p['energy_uj']:.4g} uJ, {p['latency_us']:.4g} us per inference, "
             f"{p['area_mm2']:.4g} mm^2, {p['chips']} chip(s)")
-    msg = chips_warning(ctx.cost)
+    msg = chips_warning(ctx.cost, model.params)
     if msg:
         ctx.warn(msg)
 
