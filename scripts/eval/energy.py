@@ -12,6 +12,8 @@
 3. Each allocation is evaluated weight-only through the workload's TVM host build (``sweep.method_row``,
    cached by weights); energy, latency, area and crossbars come from the cost model.
 4. Writes ``<out>/energy_<workload>_<preset>.json`` and ``.png`` (accuracy vs energy, both budget kinds).
+   Energies and latencies are per input item: the cost model's per-inference figures (one compiled batch
+   of the workload) divided by the batch size.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import methods as M  # noqa: E402
 import sweep as S  # noqa: E402
 
 CROSSBAR_REDUCTIONS = (3.0, 4.0, 5.0)
-ENERGY_REDUCTIONS = (2.0, 2.5, 3.0, 3.5)
+ENERGY_REDUCTIONS = (2.5, 3.0, 3.5)
 
 
 def main(argv=None) -> int:
@@ -52,13 +54,20 @@ def main(argv=None) -> int:
     model = CostModel.from_layers(ctx.pkg.layers, spec, cost_params(spec.name), ctx.pkg.manifest.get("host_layers", []))
     table = evaluate_candidates(tiles, spec.weight_bits, SearchConfig(objective="mse", granularity="column"))
 
+    batch = int(next(iter(ctx.wl.input_shapes.values()))[0])
+
+    def per_item(ev: dict) -> dict:
+        return {"energy_uj": ev["energy_uj"] / batch, "latency_us": ev["latency_us"] / batch,
+                "area_mm2": ev["area_mm2"], "crossbars": ev["crossbars"], "chips": ev["chips"],
+                "energy_parts_uj": {k: v / batch for k, v in ev["energy_parts_uj"].items()}}
+
     def point(budget: str) -> dict:
         choice, note = allocate_budget(table, tiles, spec, Budget.parse(budget), model)
         qr = quant_result(table, tiles, spec, choice, "mse", note=note)
         res = M._from_quant_result(f"psq {budget}", "psq-mse-column", qr, {"budget": budget})
         row, _ = S.method_row(ctx, res)
         m = mapping_from_placement(tiles.layer, tiles.nrows, tiles.ncols, qr.slices, qr.placement)
-        ev = model.evaluate(m)
+        ev = per_item(model.evaluate(m))
         S.log(f"{budget}: {qr.crossbars} crossbars, {ev['energy_uj']:.4g} uJ, "
               f"{ctx.wl.primary_metric} {row['metrics'][ctx.wl.primary_metric]:.4f}")
         return {"budget": budget, "kind": Budget.parse(budget).kind, "crossbars": int(qr.crossbars),
@@ -68,14 +77,14 @@ def main(argv=None) -> int:
                 "bits": [int(b) for b in qr.bits], "metrics": row["metrics"], "note": note}
 
     sl16 = np.full(tiles.n_tiles, spec.slices(16))
-    u16 = model.evaluate(mapping_from_placement(tiles.layer, tiles.nrows, tiles.ncols, sl16,
+    u16 = per_item(model.evaluate(mapping_from_placement(tiles.layer, tiles.nrows, tiles.ncols, sl16,
                                                 pack(tiles.nrows, tiles.ncols, sl16, spec.rows, spec.cols,
-                                                     spec.polarities)))
+                                                     spec.polarities))))
     crossbar_pts = [point(f"reduction={r:g}") for r in CROSSBAR_REDUCTIONS]
     energy_pts = [point(f"energy-reduction={r:g}") for r in ENERGY_REDUCTIONS]
     same_energy = []
     for p in crossbar_pts:
-        q = point(f"energy={p['energy_uj']:.9g}")
+        q = point(f"energy={p['energy_uj'] * batch:.12g}")      # the budget is per compiled batch
         differ = int(np.sum(np.array(p["bits"]) != np.array(q["bits"])))
         same_energy.append({"crossbar_budget": p["budget"], "energy_budget": q["budget"], "tiles_differ": differ,
                             "crossbar_point": {k: p[k] for k in ("crossbars", "energy_uj", "avg_bits", "metrics")},
@@ -83,7 +92,7 @@ def main(argv=None) -> int:
                             "layer_avg_bits": {"crossbar_budget": p["layer_avg_bits"],
                                                "energy_budget": q["layer_avg_bits"]}})
         energy_pts.append(q)
-    out = {"workload": a.workload, "preset": a.preset, "items": a.items or ctx.wl.num_items,
+    out = {"workload": a.workload, "preset": a.preset, "items": a.items or ctx.wl.num_items, "batch": batch,
            "metric": ctx.wl.primary_metric, "float": ctx.fm, "uniform16": {k: u16[k] for k in
                                                                             ("energy_uj", "latency_us", "area_mm2", "crossbars")},
            "layers": [l.name for l in tiles.layers], "n_vec": model.n_vec.tolist(),
@@ -115,7 +124,7 @@ def plot(out: dict, path: Path) -> None:
         pts = sorted(pts, key=lambda p: p["energy_uj"])
         ax.plot([p["energy_uj"] for p in pts], [p["metrics"][key] for p in pts], mark, label=lab)
     ax.axhline(out["float"][key], color="gray", lw=0.8, label="float")
-    ax.set_xlabel(f"energy per inference (uJ, {out['preset']} numbers; uniform16 {out['uniform16']['energy_uj']:.3g})")
+    ax.set_xlabel(f"energy per item (uJ, {out['preset']} numbers; uniform16 {out['uniform16']['energy_uj']:.3g})")
     ax.set_ylabel(key)
     ax.set_title(f"{out['workload']}: accuracy vs energy")
     ax.legend(fontsize=8)
