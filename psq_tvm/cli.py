@@ -108,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-budget", metavar="KIND=VALUE",
                    help="whole-model budget: auto = the fewest crossbars whose fidelity (output SQNR against "
                    "float on data-free inputs, or --calib-inputs) meets --psq-min-fidelity; avg-bits=4.5, "
-                   "crossbars=N or reduction=3.5 (x fewer crossbars than uniform 16-bit) (default: auto)")
+                   "crossbars=N or reduction=3.5 (x fewer crossbars than uniform 16-bit); hardware cost: "
+                   "energy=UJ, latency=US, area=MM2 per inference, or energy-reduction=3 etc. (x less than "
+                   "uniform 16-bit on the same cost numbers) (default: auto)")
     c.add_argument("--psq-tolerance", type=float, metavar="T",
                    help="instead of a budget: each tile takes the smallest bitwidth whose distortion is below T")
     c.add_argument("--psq-min-fidelity", metavar="F",
