@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="isaac")
     ap.add_argument("--items", type=int, default=None, help="a deterministic subset of the evaluation set")
     ap.add_argument("--out", default=str(HERE.parent.parent / "docs" / "results"))
+    ap.add_argument("--reductions", default=",".join(f"{r:g}" for r in CROSSBAR_REDUCTIONS),
+                    help="crossbar budgets reduction=R, comma-separated")
+    ap.add_argument("--energy-reductions", default=",".join(f"{r:g}" for r in ENERGY_REDUCTIONS),
+                    help="energy budgets energy-reduction=R, comma-separated")
     ap.add_argument("--render", action="store_true", help="only rewrite <out>/energy.md from the JSON files")
     a = ap.parse_args(argv)
     if a.render:
@@ -84,8 +88,8 @@ def main(argv=None) -> int:
     u16 = per_item(model.evaluate(mapping_from_placement(tiles.layer, tiles.nrows, tiles.ncols, sl16,
                                                 pack(tiles.nrows, tiles.ncols, sl16, spec.rows, spec.cols,
                                                      spec.polarities))))
-    crossbar_pts = [point(f"reduction={r:g}") for r in CROSSBAR_REDUCTIONS]
-    energy_pts = [point(f"energy-reduction={r:g}") for r in ENERGY_REDUCTIONS]
+    crossbar_pts = [point(f"reduction={float(r):g}") for r in a.reductions.split(",")]
+    energy_pts = [point(f"energy-reduction={float(r):g}") for r in a.energy_reductions.split(",")]
     same_energy = []
     for p in crossbar_pts:
         q = point(f"energy={p['energy_uj'] * batch:.12g}")      # the budget is per compiled batch
@@ -129,8 +133,12 @@ def write_markdown(outdir: Path) -> None:
              "workload (mse, per-column scales); every point is the whole-model Lagrangian under one budget, "
              "`reduction=R` (crossbars, vs uniform 16-bit) or `energy-reduction=R` / `energy=E` (the isaac cost "
              "numbers of `psq_tvm/core/cost.py`). Weight-only accuracy through the workload's TVM host build, as in "
-             "the sweep. Energy and latency per input item (one compiled batch / its size); latency with layers "
-             "in sequence; area of the occupied IMAs and tiles.", ""]
+             "the sweep. Energy and latency per input item (one compiled batch / its size); the values of "
+             "`energy=E` budgets are per compiled batch (uJ), as the compiler counts them. Latency with layers in "
+             "sequence; area of the occupied IMAs and tiles. On the isaac numbers every ADC serves one crossbar, so "
+             "a layer's latency does not depend on its bitwidths (fewer slices, fewer crossbars, as many ADCs per "
+             "crossbar) and the latency column is the same for every point; PSQ's latency gain is in the "
+             "replicated pipeline (`tvmc report`).", ""]
     for f in sorted(outdir.glob("energy_*.json")):
         r = json.loads(f.read_text())
         key = r["metric"]
