@@ -204,3 +204,24 @@ def test_published_figures_reproduced_within_stated_gap():
     for k, (pub, src) in V.PUBLISHED.items():
         gap = abs(ours[k] - pub) / pub
         assert gap <= V.STATED_GAP[k], (src, ours[k], pub, gap)
+
+
+def test_differential_counts_both_polarities_and_vectors_follow_the_output_shape():
+    from psq_tvm.core.cost import vectors_per_inference
+
+    spec = preset("mnsim")                   # 256x256, 1-bit cells, differential, 6-bit ADC, 8 input cycles
+    tiles = ModelTiles([Layer("fc", np.ones((100, 20), np.float32))], 256, 256)
+    sl = np.array([spec.slices(3)])          # 3 bits -> 2 magnitude bits -> 2 slices per polarity
+    m = mapping_from_placement(tiles.layer, tiles.nrows, tiles.ncols, sl,
+                               pack(tiles.nrows, tiles.ncols, sl, 256, 256, spec.polarities))
+    assert m.n_crossbars == 4
+    model = CostModel(spec, P, [1], ["fc"], [100], [20], [1])
+    parts = model.energy_parts(m)
+    reads = 8 * 2 * 2                        # cycles x slices x polarities
+    assert parts["adc"][0] == pytest.approx(reads * 20 * 2.0 / 4)    # 6-bit: the 8-bit 2 pJ / 2^2
+    assert parts["dac"][0] == pytest.approx(reads * 100 * 1.0)
+    assert parts["crossbar"][0] == pytest.approx(reads * 10.0 * 100 / 256)
+    conv = {"name": "c", "op": "conv2d", "weight_shape": [8, 3, 3, 3], "output_shape": [2, 8, 5, 7]}
+    left = {"name": "l", "op": "dense", "weight_shape": [16, 4], "output_shape": [3, 4, 9]}   # Y = C @ X
+    right = {"name": "r", "op": "dense", "weight_shape": [16, 4], "output_shape": [3, 9, 4]}
+    assert (vectors_per_inference(conv), vectors_per_inference(left), vectors_per_inference(right)) == (70, 27, 27)
