@@ -253,24 +253,27 @@ _PUMA = CostParams(
 # DAC.py 1-bit 0.0039e-3 W, 1 GS/s, 0.166 um^2, latency (1 + 2) / rate; Read_Latency = 3.16 ns;
 # crossbar read energy = power x latency with Read_Voltage 0.15 V over Device_Resistance 1e6 / 1e4 Ohm:
 # at the mean conductance, 256 x 256 x 0.15^2 x (1e-4 + 1e-6) / 2 W x 3.16 ns = 235 pJ per full read;
-# ADC_Num = 128 per 256x256 crossbar, Digital_Frequency = 500 MHz (2 ns digital ops); PE_Num 2x2,
-# Group_Num 1.  Digital and buffer energies, grouping above a PE and areas besides the ADC/DAC: the
-# ISAAC numbers (MNSIM computes them from circuit models; override with --target-pim-psq-cost).
+# Xbar_Polarity = 2 and Group_Num = 1 (a PE: one + and one - crossbar), ADC_Num = 128 per subarray
+# (Subarray_Size = 256: one per crossbar), PE_Num = 2,2 per tile, Tile_Num = 64,64, Digital_Frequency =
+# 500 MHz (2 ns digital ops).  Digital, buffer and shift-and-add energies and the areas besides the ADC/DAC:
+# the ISAAC numbers (MNSIM computes them from circuit models; override with --target-pim-psq-cost).
 _MNSIM = dataclasses.replace(
     _ISAAC, name="mnsim", read_ns=3.16, adc_gsps=1.0, adc_rule="mnsim", digital_ns=2.0,
     xbar_read_pj=256 * 256 * 0.15 ** 2 * (1e-4 + 1e-6) / 2 * 3.16 * 1e3, dac_pj=0.0039 * 3.0,
     adc_pj={}, adc_mw=1.26, adc_um2={6: 1650.0}, dac_um2=0.166, xbar_um2=100.0,
-    crossbars_per_unit=1, adcs_per_unit=128, units_per_tile=4 * 8, tiles_per_chip=168)
+    crossbars_per_unit=2, adcs_per_unit=2 * 128, units_per_tile=4, tiles_per_chip=64 * 64)
 
 # NeuroSim V1.4 (neurosim/DNN_NeuroSim_V1.4, commit ac828e6) Inference_pytorch/NeuroSIM/Param.cpp defaults:
-# numColMuxed = 8 (8 columns share one ADC -> 16 ADCs per 128-column array), clkFreq = 1e9,
-# levelOutput = 32 (5-bit ADC).  NeuroSim computes energies from circuit models at run time (no constants
-# to quote): the component energies/areas here are ISAAC's (5-bit ADC row of the hwcomponents table).
+# numColMuxed = 8 (8 columns share one ADC -> 16 ADCs per 128-column array), clkFreq = 1e9 (one read and
+# one conversion per 1 ns clock), levelOutput = 32 (5-bit ADC).  NeuroSim computes energies from circuit
+# models at run time (no constants to quote): the component energies/areas here are ISAAC's (5-bit ADC row
+# of the hwcomponents table).
 _NEUROSIM = dataclasses.replace(
-    _ISAAC, name="neurosim", adcs_per_unit=16 * 8, adc_gsps=1.0, read_ns=8.0)
+    _ISAAC, name="neurosim", adcs_per_unit=16 * 8, adc_gsps=1.0, read_ns=1.0)
 
 COST_PRESETS: dict[str, CostParams] = {p.name: p for p in (_ISAAC, _PUMA, _MNSIM, _NEUROSIM)}
-# prime: no simulator constants published; ISAAC's components on PRIME's 256x256 arrays
+# prime: no simulator constants to quote; ISAAC's components, an array read and area scaled by PRIME's
+# 256x256 cells (4x a 128x128 array's)
 COST_PRESETS["prime"] = dataclasses.replace(_ISAAC, name="prime", xbar_read_pj=4 * 30.0, xbar_um2=100.0)
 
 
