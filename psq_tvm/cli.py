@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     for f in SPEC_OPTIONS:
         c.add_argument(f"--target-pim-psq-{f.replace('_', '-')}", dest=f"spec_{f}", metavar="VALUE",
                        help=f"crossbar option: {_SPEC_HELP.get(f, f)} (default: from the preset)")
+    c.add_argument("--target-pim-psq-cost", metavar="FILE.json",
+                   help="override the preset's hardware cost numbers (energy, latency, area; fields of "
+                   "psq_tvm.core.cost.CostParams, e.g. {\"adc_pj\": {\"8\": 1.5}}); stored in the package")
     c.add_argument("--psq-objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                    help=f"per-tile distortion the search minimises (default: {DEFAULT_OBJECTIVE}; "
                    "why: README, 'Defaults')")
@@ -136,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-budget", metavar="KIND=VALUE",
                    help="whole-model budget: auto = the fewest crossbars whose fidelity (output SQNR against "
                    "float on data-free inputs, or --calib-inputs) meets --psq-min-fidelity; avg-bits=4.5, "
-                   "crossbars=N or reduction=3.5 (x fewer crossbars than uniform 16-bit) (default: auto)")
+                   "crossbars=N or reduction=3.5 (x fewer crossbars than uniform 16-bit); hardware cost: "
+                   "energy=UJ, latency=US, area=MM2 per inference, or energy-reduction=3 etc. (x less than "
+                   "uniform 16-bit on the same cost numbers) (default: auto)")
     c.add_argument("--psq-tolerance", type=float, metavar="T",
                    help="instead of a budget: each tile takes the smallest bitwidth whose distortion is below T")
     c.add_argument("--psq-min-fidelity", metavar="F",
@@ -202,6 +207,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
     rp.add_argument("--plot", metavar="FILE.png", help="draw bitwidths per layer/tile and crossbars per layer")
+    rp.add_argument("--cost", metavar="FILE.json", help="recompute energy/latency/area from the package with these "
+                    "cost numbers over the stored ones (fields of psq_tvm.core.cost.CostParams)")
     return p
 
 
@@ -231,7 +238,7 @@ def cmd_compile(a) -> int:
                       bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance,
                       bits=a.psq_bits, min_fidelity=a.psq_min_fidelity, calib_inputs=calib,
                       emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
-                      fold_batchnorm=not a.no_fold_batchnorm, progress=say,
+                      fold_batchnorm=not a.no_fold_batchnorm, cost=a.target_pim_psq_cost, progress=say,
                       warn=lambda msg: print(f"tvmc: {msg}", file=sys.stderr, flush=True), **overrides)
     pkg.save(a.output)
     if isinstance(a.emit_c_header, str):
@@ -361,6 +368,10 @@ def cmd_report(a) -> int:
         check_output_path(a.plot, "--plot")
     pkg = load(a.PACKAGE)
     rep = pkg.report
+    if a.cost and pkg.layers:
+        from .core.cost import cost_from_manifest
+
+        rep["cost"] = cost_from_manifest(pkg.manifest, a.cost)
     if a.json:
         print(json.dumps(rep, indent=1, sort_keys=True))
     else:

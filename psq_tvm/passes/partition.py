@@ -192,9 +192,20 @@ class PartitionForPIM:
                         if isinstance(a, Constant):
                             name = self.names.get(fingerprint(const_array(a)))
                     host.append({"name": _unique(name or f"host_{op}_{k}", used), "op": op,
-                                 "reason": host_reason(v, self.spec)})
+                                 "reason": host_reason(v, self.spec), "macs": host_macs(v)})
                     k += 1
         return mod.with_attr(HOST_ATTR, json.dumps(host))
+
+
+def host_macs(call: Call) -> int | None:
+    """Multiply-accumulates of one host weight op per run (None when a shape is not static)."""
+    out, a, w = _shape(call), _shape(call.args[0]), _shape(call.args[1])
+    if out is None or a is None or w is None:
+        return None
+    if call.op.name == "relax.matmul":
+        return int(np.prod(out)) * int(a[-1])
+    per = int(np.prod(w[1:]))                      # conv weight [O, I/g, k...]; transposed [I, O/g, k...]
+    return (int(np.prod(a)) if "transpose" in call.op.name else int(np.prod(out))) * per
 
 
 def host_layers(mod: tvm.IRModule) -> list[dict[str, str]]:

@@ -13,6 +13,7 @@ fields of the context (its docstring says which):
 ``allocate``        bitwidths under the budget (``auto``: fewest crossbars meeting the fidelity): ``result``
 ``bias_correction`` DFQ bias corrections from the input means: ``bias_corrections``
 ``fidelity``        the quantised model against float on data-free inputs: ``fidelity`` (+ a warning)
+``cost``            energy, latency, area of PSQ and uniform 16/8 (:mod:`psq_tvm.core.cost`): ``cost``
 ``package``         crossbar tables, manifest, report; the :class:`~psq_tvm.runtime.Package`, once
 ==================  =====================================================================
 
@@ -41,8 +42,9 @@ import numpy as np
 from .. import __version__
 from ..core.allocation import Budget, allocate_budget, allocate_tolerance
 from ..core.candidates import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConfig, evaluate_candidates
-from ..core.quant import DEFAULT_ROUNDING
+from ..core.cost import CostModel, chips_warning, cost_params, cost_section, mapping_from_placement
 from ..core.crossbar import CrossbarSpec, parse_bits
+from ..core.quant import DEFAULT_ROUNDING
 from ..core.report import build_report
 from ..core.search import quant_result
 from ..core.sensitivity import DEFAULT_BIAS_CORRECTION, input_weighted_importance
@@ -108,6 +110,8 @@ class CompileOptions:
     """Keep the original float weights in the package (``tvmc run --mode float``, ``--verify``)."""
     fold_batchnorm: bool = True
     """Fold inference BatchNorm into the preceding conv before quantisation."""
+    cost: Mapping[str, Any] | str | None = None
+    """Overrides of the preset's hardware cost numbers (``CostParams`` fields, or a JSON file of them)."""
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -126,6 +130,8 @@ class CompileOptions:
         if "calib" in (self.sensitivity, self.bias_correction) and self.calib_inputs is None:
             raise CompileError("--psq-sensitivity/--psq-bias-correction calib need --calib-inputs")
         F.parse_min_fidelity(self.min_fidelity)
+        if self.cost is not None:
+            cost_params("isaac", self.cost)                 # a clear error now, not after the import
         try:
             SearchConfig(objective=self.objective, granularity=self.granularity, rounding=self.rounding)
         except ValueError as e:
@@ -161,6 +167,7 @@ class CompileContext:
     auto_budget: dict | None = None     # allocate (auto): the points tried and the choice
     bias_corrections: list | None = None
     fidelity: dict | None = None
+    cost: dict | None = None            # cost: energy/latency/area of PSQ and uniform 16/8 (the report's section)
     package: Package | None = None
     timing: dict = dataclasses.field(default_factory=dict)
     _float_model: Package | None = None
@@ -195,6 +202,11 @@ class CompileContext:
                 e["tiles"] = tile_entries(self.result, li)
             out.append(e)
         return out
+
+    def cost_model(self) -> CostModel:
+        """The hardware cost model of this model on this spec (the preset's numbers + ``options.cost``)."""
+        return CostModel.from_layers(self.layers, self.spec, cost_params(self.spec.name, self.options.cost),
+                                     self.host_layers)
 
     def float_model(self) -> Package:
         """A runnable package of the float model (host library + float PIM weights), for the probes."""
@@ -395,7 +407,9 @@ def stage_allocate(ctx: CompileContext) -> None:
     elif o.auto:
         choice, note = _auto_budget(ctx)
     else:
-        choice, note = allocate_budget(ctx.candidates, ctx.tiles, ctx.spec, Budget.parse(o.budget))
+        budget = Budget.parse(o.budget)
+        choice, note = allocate_budget(ctx.candidates, ctx.tiles, ctx.spec, budget,
+                                       ctx.cost_model() if budget.cost_kind else None)
     ctx.result = quant_result(ctx.candidates, ctx.tiles, ctx.spec, choice, o.objective, note=note,
                               rounding=o.rounding)
     measuring = ctx.timing.get("fidelity_seconds", 0.0) - fid0          # auto: the fidelity runs, not search
@@ -437,6 +451,21 @@ def stage_fidelity(ctx: CompileContext) -> None:
         ctx.warn(msg)
 
 
+def stage_cost(ctx: CompileContext) -> None:
+    """Energy, latency and area of PSQ and uniform 16/8-bit on the same numbers (fills ``cost``; warns)."""
+    r = ctx.result
+    m = mapping_from_placement(r.tiles.layer, r.tiles.nrows, r.tiles.ncols, r.slices, r.placement)
+    model = ctx.cost_model()
+    ctx.cost = cost_section(m, ctx.spec, model)
+    ctx.cost["params_values"] = model.params.to_dict()
+    p = ctx.cost["psq"]
+    ctx.say(f"cost ({model.params.name} numbers): {p['energy_uj']:.4g} uJ, {p['latency_us']:.4g} us per inference, "
+            f"{p['area_mm2']:.4g} mm^2, {p['chips']} chip(s)")
+    msg = chips_warning(ctx.cost, model.params)
+    if msg:
+        ctx.warn(msg)
+
+
 def stage_package(ctx: CompileContext) -> None:
     """Crossbar tables, manifest and report; the Package, built once (fills ``package``)."""
     import tvm
@@ -461,6 +490,8 @@ def stage_package(ctx: CompileContext) -> None:
     report = build_report(ctx.result if pim else None, ctx.host_layers, ctx.spec, layers)
     if ctx.fidelity is not None:
         report["fidelity"] = ctx.fidelity
+    if pim and ctx.cost is not None:
+        report["cost"] = ctx.cost
     manifest = {
         "format": FORMAT, "version": VERSION, "target": o.target, "model": ctx.model_name,
         "producer": {"psq_tvm": __version__, "tvm": tvm.__version__},
@@ -494,7 +525,7 @@ STAGES: tuple[Stage, ...] = (
     ("import", stage_import), ("partition", stage_partition), ("lower", stage_lower),
     ("build_host", stage_build_host), ("input_stats", stage_input_stats), ("candidates", stage_candidates),
     ("allocate", stage_allocate), ("bias_correction", stage_bias_correction), ("fidelity", stage_fidelity),
-    ("package", stage_package),
+    ("cost", stage_cost), ("package", stage_package),
 )
 #: the stages of a plain llvm build
 LLVM_STAGES = ("import", "build_host", "package")
