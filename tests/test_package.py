@@ -273,7 +273,7 @@ def test_bias_correction_cancels_mean_shift_on_its_inputs(tmp_path):
     from psq_tvm.targets.input_stats import SYNTHETIC_SAMPLES, synthetic_feeds
 
     spec = preset("isaac", rows=32, cols=32)
-    plain = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3")
+    plain = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3", bias_correction="none")
     bc = psq_tvm.compile(small_cnn(), spec=spec, budget="avg-bits=3", bias_correction="synthetic")
     assert bc.manifest["search"]["bias_correction"] == "synthetic"
     assert all(l["bias_correction"] == f"bias_correction_{l['id']}" for l in bc.layers)
