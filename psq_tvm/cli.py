@@ -40,6 +40,21 @@ class CLIError(Exception):
     pass
 
 
+EXIT_DIGEST = 5     # --expect-digest: the package is not the one expected
+
+
+def _digest_arg(v: str) -> str:
+    if len(v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in v):
+        raise argparse.ArgumentTypeError(f"{v!r} is not a sha256 digest (64 hex digits, as compile prints it)")
+    return v.lower()
+
+
+def _add_expect_digest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expect-digest", type=_digest_arg, metavar="HEX",
+                   help="refuse the package (exit code 5) unless the sha256 of the whole .tar is HEX, the digest "
+                   "`tvmc compile` printed (= `sha256sum PACKAGE`); checked before anything else is read")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with tvmc's one-line error convention (``tvmc: error: ...``, exit code 2)."""
 
@@ -65,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "the resulting packages.",
         epilog="exit codes: 0 success; 1 error (one line 'tvmc: error: ...'); 2 bad command line; 3 run --verify: "
         "the simulator does not match golden where the spec makes it exact; 4 run --verify --max-loss: the compiled "
-        "model is further from float than allowed; 130 interrupted")
+        "model is further from float than allowed; 5 run/report --expect-digest: the package's digest differs; "
+        "130 interrupted")
     sub = p.add_subparsers(dest="command", metavar="{compile,run,report}")
 
     c = sub.add_parser("compile", help="compile an ONNX model into a package (.tar)",
@@ -132,7 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a compiled package on inputs from an .npz file",
                        description="Run a package. PIM layers execute in the chosen mode; host layers in the "
                        "package's llvm library.")
-    r.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
+    r.add_argument("PACKAGE", help="package .tar from `tvmc compile`. It contains native code (host_library.so) "
+                   "that run loads: run only packages from a trusted source (see --expect-digest)")
+    _add_expect_digest(r)
     r.add_argument("--inputs", metavar="IN.npz", help="inputs, one array per model input name (a single-input "
                    "model takes any one array; extra leading samples are run in compiled-batch chunks; an array "
                    "named 'labels' gives accuracy). Without it, seeded random inputs are used.")
@@ -167,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
 
     rp = sub.add_parser("report", help="per-layer tiles, bitwidths and crossbars vs. baselines of a package")
-    rp.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
+    rp.add_argument("PACKAGE", help="package .tar from `tvmc compile` (report never loads its host library)")
+    _add_expect_digest(rp)
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
     rp.add_argument("--plot", metavar="FILE.png", help="draw bitwidths per layer/tile and crossbars per layer")
     return p
@@ -205,6 +224,7 @@ def cmd_compile(a) -> int:
             f"{c['uniform16']} ({rep['reduction_vs_uniform16']:.2f}x), uniform8 {c['uniform8']} "
             f"({rep['reduction_vs_uniform8']:.2f}x); avg bits {rep['avg_bits']:.2f}")
     say(f"wrote {a.output}")
+    print(f"sha256 {pkg.digest}  {a.output}")
     return 0
 
 
@@ -249,7 +269,7 @@ def cmd_run(a) -> int:
     from .runtime.package import load
 
     say = _progress(a.quiet)
-    pkg = load(a.PACKAGE)
+    pkg = load(a.PACKAGE, a.expect_digest)
     mode = a.mode or _default_mode()
     inputs, labels = _load_inputs(pkg, a.inputs)
     info = pkg.manifest["inputs"]
@@ -312,14 +332,15 @@ def cmd_report(a) -> int:
     from .runtime.package import load
     from .core.report import format_table, plot
 
-    pkg = load(a.PACKAGE)
+    pkg = load(a.PACKAGE, a.expect_digest)
     rep = pkg.report
     if a.json:
-        print(json.dumps(rep, indent=1, sort_keys=True))
+        print(json.dumps(dict(rep, package_sha256=pkg.digest), indent=1, sort_keys=True))
     else:
         print(f"package {a.PACKAGE}: model {pkg.manifest.get('model')}, target {pkg.manifest.get('target')}, "
               f"spec {pkg.spec.name} ({pkg.spec.rows}x{pkg.spec.cols}, {pkg.spec.cell_bits}-bit cells, "
               f"{pkg.spec.encoding})")
+        print(f"digest: sha256 {pkg.digest} (of the whole .tar; check with --expect-digest)")
         print(format_table(rep))
     if a.plot:
         plot(rep, a.plot)
@@ -328,6 +349,8 @@ def cmd_report(a) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .runtime.package import DigestMismatch
+
     parser = _parser()
     a = parser.parse_args(argv)
     if not a.command:
@@ -338,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tvmc: error: interrupted", file=sys.stderr)
         return 130
+    except DigestMismatch as e:
+        print(f"tvmc: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_DIGEST
     except Exception as e:  # one line, no traceback (set PSQ_TVM_TRACEBACK=1 to see it)
         if os.environ.get("PSQ_TVM_TRACEBACK"):
             raise
