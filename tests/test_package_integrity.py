@@ -13,7 +13,6 @@ import sys
 import tarfile
 import textwrap
 
-import numpy as np
 import onnx
 import pytest
 
@@ -29,13 +28,11 @@ COMPILE_ARGS = ["--psq-budget", "avg-bits=4", "--target-pim-psq-rows", "32", "--
 
 
 def tvmc(*args, env=None):
-    """Run `python -m psq_tvm.cli` in a child process; returns (exit code, stdout, stderr, peak RSS in kB)."""
+    """Run `python -m psq_tvm.cli` in a child process; returns (exit code, stdout, stderr)."""
     e = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     p = subprocess.Popen([sys.executable, "-m", "psq_tvm.cli", *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, env=e, text=True)
     out, err = p.communicate(timeout=600)
-    # the child has been reaped by communicate(); its rusage is in the RUSAGE_CHILDREN totals only, so
-    # peak RSS is measured separately where it matters (peak_rss_kb)
     return p.returncode, out, err
 
 
