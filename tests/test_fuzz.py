@@ -62,7 +62,7 @@ def sandbox(base, tmp_path_factory, *names):
 
 # ----------------------------------------------------------------------------------------- ONNX
 ATTRS = {"Conv": ["pads", "strides", "dilations", "group", "kernel_shape"], "Gemm": ["transB", "transA", "alpha"],
-         "Flatten": ["axis"]}
+         "Flatten": ["axis"], "MatMul": ["bogus"], "Relu": ["alpha"]}
 DTYPES = [TensorProto.INT64, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BOOL, TensorProto.INT8,
           TensorProto.STRING, 0, 999]
 DIMS = st.sampled_from([0, -1, 1, 2, 3, 5, 7, 16, 100000])
@@ -100,7 +100,9 @@ def onnx_mutation(draw):
                              st.floats(allow_nan=True, allow_infinity=True)))
         keep = [a for a in node.attribute if a.name != name]
         del node.attribute[:]
-        node.attribute.extend(keep + [h.make_attribute(name, val)])
+        attr = (h.make_attribute(name, val, attr_type=onnx.AttributeProto.INTS) if isinstance(val, list)
+                else h.make_attribute(name, val))
+        node.attribute.extend(keep + [attr])
     elif kind == "drop_init":
         del g.initializer[draw(st.integers(0, len(g.initializer) - 1))]
     elif kind == "cycle":
