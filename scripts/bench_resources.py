@@ -11,6 +11,7 @@ For each model, three child processes, one after the other (each measured alone:
 
 The **float weight bytes** are counted from the ONNX file: float initializers, ``Constant`` nodes and the
 outputs of ``ConstantOfShape`` nodes with a constant shape (how the light models build their weights).
+A fourth child that only imports TVM and psq_tvm gives the floor every figure includes.
 Prints one row per model with the ratios to the float weight bytes and to tvm.compile.
 
     python scripts/bench_resources.py [--models bundled,vgg19,densenet121] [--psq-args "..."] [--json OUT.json]
@@ -110,6 +111,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     py = sys.executable
     rows = []
+    floor = child([py, "-c", "import tvm, psq_tvm.targets, psq_tvm.cli"])
+    print(f"floor: a child that only imports TVM and psq_tvm peaks at {floor['peak_rss'] / (1 << 20):.0f} MiB "
+          f"({floor['seconds']:.1f} s)", flush=True)
     hdr = (f"{'model':<12} {'weights MB':>10} | {'tvm.compile':>11} {'s':>6} | {'compile MB':>10} {'s':>6} "
            f"{'xW':>5} {'xTVM':>5} {'t xTVM':>6} | {'run sim MB':>10} {'s':>6} {'xW':>5} {'xTVM':>5}")
     print(hdr, flush=True)
@@ -134,6 +138,7 @@ def main(argv=None) -> int:
                "tvm_compile": {"peak_rss": tv["peak_rss"], "seconds": round(tv["seconds"], 2)},
                "tvmc_compile": {"peak_rss": cp["peak_rss"], "seconds": round(cp["seconds"], 2)},
                "tvmc_run_sim": {"peak_rss": rn["peak_rss"], "seconds": round(rn["seconds"], 2)}}
+        row["import_floor_rss"] = floor["peak_rss"]
         rows.append(row)
         print(f"{name:<12} {wbytes / mb:>10.1f} | {tv['peak_rss'] / mb:>11.0f} {tv['seconds']:>6.1f} | "
               f"{cp['peak_rss'] / mb:>10.0f} {cp['seconds']:>6.1f} {cp['peak_rss'] / wbytes:>5.1f} "
