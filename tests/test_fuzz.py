@@ -324,12 +324,11 @@ def test_fuzz_command_lines(argv, base, tmp_path_factory):
 
 # ---------------------------------------------------------------------- real exit codes (children)
 def test_fuzz_children_exit_codes(base, tmp_path_factory):
-    d = sandbox(base, tmp_path_factory, "mlp.onnx", "mlp.tar")
+    """Three children (each pays the TVM import): a damaged package, a bad option, a digest mismatch."""
+    d = sandbox(base, tmp_path_factory, "mlp.tar")
     (d / "junk.tar").write_bytes(b"\0" * 100 + b"not a tar" * 50)
-    (d / "junk.onnx").write_bytes((d / "mlp.onnx").read_bytes()[:200])
     cases = [(["report", "junk.tar"], 1), (["run", "mlp.tar", "--mode", "bogus"], 2),
-             (["compile", "junk.onnx", "-o", "o.tar", "-q"], 1),
-             (["report", "mlp.tar", "--expect-digest", "0" * 64], 5), (["report", "mlp.tar"], 0)]
+             (["run", "mlp.tar", "--expect-digest", "0" * 64], 5)]
     for argv, want in cases:
         code, _, err = invoke_child(argv, str(d))
         assert code == want, (argv, err)
