@@ -287,6 +287,11 @@ def cmd_run(a) -> int:
         np.savez(tmp, **{f"output_{k}": o for k, o in enumerate(outs)})
         os.replace(tmp, a.outputs)
         say(f"wrote {a.outputs}")
+    for k, o in enumerate(outs):
+        bad = int(o.size - np.count_nonzero(np.isfinite(o))) if o.dtype.kind == "f" else 0
+        if bad:
+            print(f"tvmc: warning: output_{k} has {bad} NaN/Inf value(s): the weights or inputs exceed the float32 "
+                  "range in some layer; check the model's weights and the inputs' scale", file=sys.stderr)
     first = outs[0]
     if a.print_top:
         scores = first.reshape(first.shape[0], -1) if first.ndim > 1 else first[None]

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -131,6 +132,16 @@ def _complete(path: str) -> bool:
         return False
 
 
+def _cli_warning_filters() -> None:
+    """Python warnings as a `tvmc` process shows them (pytest would otherwise record them silently)."""
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for cat in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", cat)
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def invoke(argv: list[str], sandbox: str) -> tuple[int, str, str]:
     """Run tvmc's main in-process with cwd = sandbox; check the invariants; return (code, stdout, stderr)."""
     argv = [str(a) for a in argv]
@@ -139,7 +150,9 @@ def invoke(argv: list[str], sandbox: str) -> tuple[int, str, str]:
     old = os.getcwd()
     os.chdir(sandbox)
     try:
-        with tempfile.TemporaryFile() as native, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with tempfile.TemporaryFile() as native, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            _cli_warning_filters()
             sys.stderr.flush()
             saved = os.dup(2)
             os.dup2(native.fileno(), 2)        # what native code (TVM, LLVM) writes to fd 2 is seen too
