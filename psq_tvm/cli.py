@@ -3,7 +3,8 @@
 Follows the conventions of TVM's former tvmc (removed from TVM's PyPI wheels):
 ``tvmc compile --target pim-psq MODEL.onnx -o OUT.tar``, ``tvmc run OUT.tar --inputs IN.npz``,
 ``tvmc report OUT.tar``.  Progress goes to stderr; any failure prints one line
-``tvmc: error: ...`` and exits non-zero.
+``tvmc: error: ...`` and exits non-zero (codes in :data:`EXIT_CODES`); ``--debug`` shows the traceback.
+SIGINT and SIGTERM end the command cleanly: temporaries are removed, exit 130 / 143.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from typing import Sequence
@@ -18,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .core.crossbar import DEFAULT_PRESET, PRESETS
+from .core.quant import DEFAULT_ROUNDING, ROUNDINGS
 from .core.search import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, GRANULARITIES, OBJECTIVES
 from .core.sensitivity import DEFAULT_BIAS_CORRECTION
 from .targets.fidelity import DEFAULT_MIN_FIDELITY
@@ -34,6 +37,15 @@ _SPEC_HELP = {
     "weight_bits": "candidate weight bitwidths the search may choose, e.g. '2-8' or '2,4,8'",
     "baseline_bits": "uniform bitwidth of the design's own baseline",
 }
+
+
+#: exit codes of tvmc (also in `tvmc --help` and the README)
+EXIT_CODES = {0: "success", 1: "error (one line 'tvmc: error: ...')", 2: "bad command line",
+              3: "run --verify: the simulator does not match golden where the spec makes it exact",
+              4: "run --verify --max-loss: the compiled model is further from float than allowed",
+              5: "run/report --expect-digest: the package's digest differs",
+              130: "interrupted (Ctrl-C, SIGINT)", 141: "stdout closed early (e.g. `tvmc report pkg | head`)",
+              143: "terminated (SIGTERM)"}
 
 
 class CLIError(Exception):
@@ -62,6 +74,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tvmc: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    from . import __version__
+
+    try:
+        tvm = metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        tvm = "not installed"
+    return f"tvmc (psq-tvm) {__version__}, apache-tvm {tvm}, python {sys.version.split()[0]}"
+
+
 def _progress(quiet: bool):
     t0 = time.perf_counter()
 
@@ -78,13 +102,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="tvmc", description="Compile ONNX models for crossbar processing-in-memory (target pim-psq: PSQ "
         "per-tile scale and bitwidth, crossbar programming tables) or for the host (llvm); run and inspect "
         "the resulting packages.",
-        epilog="exit codes: 0 success; 1 error (one line 'tvmc: error: ...'); 2 bad command line; 3 run --verify: "
-        "the simulator does not match golden where the spec makes it exact; 4 run --verify --max-loss: the compiled "
-        "model is further from float than allowed; 5 run/report --expect-digest: the package's digest differs; "
-        "130 interrupted")
+        epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback (and TVM's own "
+                   "message) instead of the one-line error")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="{compile,run,report}")
 
-    c = sub.add_parser("compile", help="compile an ONNX model into a package (.tar)",
+    c = sub.add_parser("compile", parents=[common], help="compile an ONNX model into a package (.tar)",
                        description="Compile an ONNX model into a package: host library, manifest.json, "
                        "crossbar level blobs and the report (format: docs/package_format.md).")
     c.add_argument("FILE", help="ONNX model file")
@@ -99,12 +125,20 @@ def _parser() -> argparse.ArgumentParser:
     for f in SPEC_OPTIONS:
         c.add_argument(f"--target-pim-psq-{f.replace('_', '-')}", dest=f"spec_{f}", metavar="VALUE",
                        help=f"crossbar option: {_SPEC_HELP.get(f, f)} (default: from the preset)")
+    c.add_argument("--target-pim-psq-cost", metavar="FILE.json",
+                   help="override the preset's hardware cost numbers (energy, latency, area; fields of "
+                   "psq_tvm.core.cost.CostParams, e.g. {\"adc_pj\": {\"8\": 1.5}}); stored in the package")
     c.add_argument("--psq-objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                    help=f"per-tile distortion the search minimises (default: {DEFAULT_OBJECTIVE}; "
                    "why: README, 'Defaults')")
     c.add_argument("--psq-granularity", default=DEFAULT_GRANULARITY, choices=list(GRANULARITIES),
                    help="tile: one scale per crossbar tile; column: one scale per tile column (bitline), applied "
                    f"in the digital stage after the ADC at no crossbar cost (default: {DEFAULT_GRANULARITY})")
+    c.add_argument("--psq-rounding", default=DEFAULT_ROUNDING, choices=list(ROUNDINGS),
+                   help="how the integer levels are formed: nearest = round to nearest; balanced = then round the "
+                   "fewest weights of each crossbar column the other way so that the column's rounding errors sum "
+                   f"to at most half a level (SQuant-style; each weight moves by at most one level) "
+                   f"(default: {DEFAULT_ROUNDING}; why: README, 'Defaults')")
     c.add_argument("--psq-sensitivity", default="none", choices=list(STAT_SOURCES),
                    help="how tile distortions are weighted in the whole-model budget: none = relative error per "
                    "layer; synthetic = weighted by each layer's input energy per row, estimated data-free from a "
@@ -121,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--psq-budget", metavar="KIND=VALUE",
                    help="whole-model budget: auto = the fewest crossbars whose fidelity (output SQNR against "
                    "float on data-free inputs, or --calib-inputs) meets --psq-min-fidelity; avg-bits=4.5, "
-                   "crossbars=N or reduction=3.5 (x fewer crossbars than uniform 16-bit) (default: auto)")
+                   "crossbars=N or reduction=3.5 (x fewer crossbars than uniform 16-bit); hardware cost: "
+                   "energy=UJ, latency=US, area=MM2 per inference, or energy-reduction=3 etc. (x less than "
+                   "uniform 16-bit on the same cost numbers) (default: auto)")
     c.add_argument("--psq-tolerance", type=float, metavar="T",
                    help="instead of a budget: each tile takes the smallest bitwidth whose distortion is below T")
     c.add_argument("--psq-min-fidelity", metavar="F",
@@ -145,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
                    "weights and bias before quantisation (default: fold)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr (warnings still)")
 
-    r = sub.add_parser("run", help="run a compiled package on inputs from an .npz file",
+    r = sub.add_parser("run", parents=[common], help="run a compiled package on inputs from an .npz file",
                        description="Run a package. PIM layers execute in the chosen mode; host layers in the "
                        "package's llvm library.")
     r.add_argument("PACKAGE", help="package .tar from `tvmc compile`. It contains native code (host_library.so) "
@@ -184,18 +220,23 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-seed", type=int, metavar="N", help="seed of the non-idealities (default 0)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
 
-    rp = sub.add_parser("report", help="per-layer tiles, bitwidths and crossbars vs. baselines of a package")
+    rp = sub.add_parser("report", parents=[common],
+                        help="per-layer tiles, bitwidths and crossbars vs. baselines of a package")
     rp.add_argument("PACKAGE", help="package .tar from `tvmc compile` (report never loads its host library)")
     _add_expect_digest(rp)
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
     rp.add_argument("--plot", metavar="FILE.png", help="draw bitwidths per layer/tile and crossbars per layer")
+    rp.add_argument("--cost", metavar="FILE.json", help="recompute energy/latency/area from the package with these "
+                    "cost numbers over the stored ones (fields of psq_tvm.core.cost.CostParams)")
     return p
 
 
 # ------------------------------------------------------------------ compile
 def cmd_compile(a) -> int:
     from .api import compile as psq_compile
+    from .runtime.files import check_output_path, write_bytes
     from .targets.pim_psq import SPEC_OPTIONS
+    from .targets.pipeline import require_c_compiler
 
     say = _progress(a.quiet)
     overrides = {f: getattr(a, f"spec_{f}") for f in SPEC_OPTIONS if getattr(a, f"spec_{f}") is not None}
@@ -203,20 +244,24 @@ def cmd_compile(a) -> int:
         say("note: --target llvm ignores the crossbar and PSQ options")
     if not a.output:
         raise CLIError("-o/--output must name the package file")
+    check_output_path(a.output, "-o/--output")        # before the compile, not after it
+    if isinstance(a.emit_c_header, str):
+        check_output_path(a.emit_c_header, "--emit-c-header")
+    if not os.path.exists(a.FILE):
+        raise CLIError(f"model file {a.FILE!r} does not exist")
+    require_c_compiler()
     calib = _read_npz(a.calib_inputs, "--calib-inputs")[0] if a.calib_inputs else None
     pkg = psq_compile(a.FILE, a.target, input_shapes=a.input_shapes, preset=a.target_pim_psq_preset,
-                      objective=a.psq_objective, granularity=a.psq_granularity, sensitivity=a.psq_sensitivity,
+                      objective=a.psq_objective, granularity=a.psq_granularity, rounding=a.psq_rounding,
+                      sensitivity=a.psq_sensitivity,
                       bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance,
                       bits=a.psq_bits, min_fidelity=a.psq_min_fidelity, calib_inputs=calib,
                       emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
-                      fold_batchnorm=not a.no_fold_batchnorm, progress=say,
+                      fold_batchnorm=not a.no_fold_batchnorm, cost=a.target_pim_psq_cost, progress=say,
                       warn=lambda msg: print(f"tvmc: {msg}", file=sys.stderr, flush=True), **overrides)
     pkg.save(a.output)
     if isinstance(a.emit_c_header, str):
-        tmp = a.emit_c_header + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(pkg.extras["pim_psq_tables.h"])
-        os.replace(tmp, a.emit_c_header)
+        write_bytes(a.emit_c_header, pkg.extras["pim_psq_tables.h"], "--emit-c-header")
     rep = pkg.report
     if a.target == "pim-psq" and rep.get("reduction_vs_uniform16") is not None:
         c = rep["crossbars"]
@@ -266,13 +311,20 @@ def _load_inputs(pkg, path: str | None) -> tuple[dict[str, np.ndarray], np.ndarr
 
 
 def cmd_run(a) -> int:
-    from .runtime.package import load
+    from .runtime.files import check_output_path, write_with
+    from .runtime.package import cast_input, load
 
     say = _progress(a.quiet)
+    if a.outputs:
+        check_output_path(a.outputs, "--outputs")
     pkg = load(a.PACKAGE, a.expect_digest)
     mode = a.mode or _default_mode()
     inputs, labels = _load_inputs(pkg, a.inputs)
     info = pkg.manifest["inputs"]
+    for i in info:                  # a cast that keeps the values is done and said; any other is an error
+        inputs[i["name"]], note = cast_input(inputs[i["name"]], i["dtype"], i["name"])
+        if note and not a.quiet:
+            print(f"tvmc: note: {note}", file=sys.stderr, flush=True)
     say(f"running {a.PACKAGE} in mode {mode}")
     batched = (len(info) == 1 and inputs[info[0]["name"]].ndim == len(info[0]["shape"])
                and list(inputs[info[0]["name"]].shape[1:]) == list(info[0]["shape"][1:])
@@ -283,9 +335,8 @@ def cmd_run(a) -> int:
     else:
         outs = pkg.run(inputs, mode, sim_options)
     if a.outputs:
-        tmp = a.outputs + ".tmp.npz"
-        np.savez(tmp, **{f"output_{k}": o for k, o in enumerate(outs)})
-        os.replace(tmp, a.outputs)
+        write_with(a.outputs, lambda f: np.savez(f, **{f"output_{k}": o for k, o in enumerate(outs)}),
+                   suffix=".npz.tmp", what="--outputs")
         say(f"wrote {a.outputs}")
     for k, o in enumerate(outs):
         bad = int(o.size - np.count_nonzero(np.isfinite(o))) if o.dtype.kind == "f" else 0
@@ -336,9 +387,16 @@ def verify(pkg, inputs: dict, batched: bool, sim_options=None, max_loss: str | N
 def cmd_report(a) -> int:
     from .runtime.package import load
     from .core.report import format_table, plot
+    from .runtime.files import check_output_path, write_with
 
+    if a.plot:
+        check_output_path(a.plot, "--plot")
     pkg = load(a.PACKAGE, a.expect_digest)
     rep = pkg.report
+    if a.cost and pkg.layers:
+        from .core.cost import cost_from_manifest
+
+        rep["cost"] = cost_from_manifest(pkg.manifest, a.cost)
     if a.json:
         print(json.dumps(dict(rep, package_sha256=pkg.digest), indent=1, sort_keys=True))
     else:
@@ -348,9 +406,46 @@ def cmd_report(a) -> int:
         print(f"digest: sha256 {pkg.digest} (of the whole .tar; check with --expect-digest)")
         print(format_table(rep))
     if a.plot:
-        plot(rep, a.plot)
+        fmt = os.path.splitext(a.plot)[1][1:].lower() or "png"
+        write_with(a.plot, lambda f: plot(rep, f, fmt), suffix=f".{fmt}.tmp", what="--plot")
         print(f"wrote {a.plot}", file=sys.stderr)
     return 0
+
+
+class _Signalled(KeyboardInterrupt):
+    """Raised by the SIGINT/SIGTERM handler, so cleanup (``finally``, temporaries) runs as for Ctrl-C."""
+
+
+_signals: list[int] = []
+
+
+def _on_signal(signum, frame) -> None:
+    _signals.append(signum)
+    if len(_signals) == 1:          # later signals only record: they must not interrupt the cleanup
+        raise _Signalled(signum)
+
+
+def _interrupted_exit() -> int:
+    if _signals and _signals[0] == signal.SIGTERM:
+        print("tvmc: error: interrupted (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    print("tvmc: error: interrupted; nothing was written", file=sys.stderr)
+    return 130
+
+
+#: TVM's advice inside printed IR, meaningless to a tvmc user
+_TVM_NOISE = "# Metadata omitted. Use show_meta=True in script() method to show it."
+
+
+def _error_line(e: BaseException) -> str:
+    """One line saying what went wrong; TVM's C++ stack traces only with --debug."""
+    text = str(e).replace(_TVM_NOISE, "")
+    if "Stack trace" in text or "Traceback" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        body = [ln for ln in lines if not ln.startswith(("Traceback", "File ", "Stack trace", "[bt]"))
+                and not ln[:1].isdigit()]
+        return f"{body[-1] if body else type(e).__name__} (run with --debug for the full message)"
+    return " ".join(text.split()) or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -361,20 +456,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.command:
         parser.print_help(sys.stderr)
         return 2
+    debug = bool(getattr(a, "debug", False) or os.environ.get("PSQ_TVM_TRACEBACK"))
+    _signals.clear()
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is signal.SIG_IGN:     # e.g. a background job of a script: keep it ignored
+            continue
+        try:
+            old[sig] = signal.signal(sig, _on_signal)
+        except ValueError:          # not the main thread: leave the handlers alone
+            pass
     try:
-        return {"compile": cmd_compile, "run": cmd_run, "report": cmd_report}[a.command](a)
+        rc = {"compile": cmd_compile, "run": cmd_run, "report": cmd_report}[a.command](a)
+        sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
+        return rc
     except KeyboardInterrupt:
-        print("tvmc: error: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted_exit()
+    except BrokenPipeError:         # `tvmc report pkg | head`: the reader left; end quietly, as unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except DigestMismatch as e:
-        print(f"tvmc: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_DIGEST
-    except Exception as e:  # one line, no traceback (set PSQ_TVM_TRACEBACK=1 to see it)
-        if os.environ.get("PSQ_TVM_TRACEBACK"):
+        if debug:
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"tvmc: error: {msg}", file=sys.stderr)
+        print(f"tvmc: error: {_error_line(e)}", file=sys.stderr)
+        return EXIT_DIGEST
+    except Exception as e:
+        if _signals:                # interrupted inside TVM: it re-raised the KeyboardInterrupt as its own error
+            return _interrupted_exit()
+        if debug:
+            raise
+        print(f"tvmc: error: {_error_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ def _setup(rng):
               Layer("conv", rng.normal(size=(40, 8, 3, 3)).astype(np.float32), "conv2d")]
     tiles = ModelTiles(layers, 128, 128)
     qr = psq_search(layers, preset(), tiles=tiles, budget="avg-bits=4",
-                    config=SearchConfig(objective="mse", granularity="column"))
+                    config=SearchConfig(objective="mse", granularity="column", rounding="nearest"))
     return tiles, qr
 
 

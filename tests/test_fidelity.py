@@ -28,8 +28,28 @@ def _sqnr(ref, out):
 @pytest.fixture(scope="module")
 def auto_pkg():
     warnings = []
-    pkg = psq_tvm.compile(small_cnn(), spec=SPEC, min_fidelity="25", warn=warnings.append)
+    # BatchNorm-only bias correction (a no-op here): the guard then measures exactly what the package computes
+    pkg = psq_tvm.compile(small_cnn(), spec=SPEC, min_fidelity="25", bias_correction="bn", warn=warnings.append)
     return pkg, warnings
+
+
+def test_guard_leaves_out_corrections_fitted_to_synthetic_inputs():
+    """With synthetic-statistics bias correction the package carries the corrections, but the guard's measure
+    is that of the uncorrected weights (a correction fitted to inputs like the probe's would credit itself);
+    with --calib-inputs (inputs not drawn like the statistics) it counts them."""
+    kw = dict(spec=SPEC, budget="reduction=3", rounding="nearest")
+    none = psq_tvm.compile(small_cnn(), bias_correction="none", **kw)
+    syn = psq_tvm.compile(small_cnn(), bias_correction="synthetic", **kw)
+    assert any(l.get("bias_correction") for l in syn.manifest["layers"])
+    assert syn.report["fidelity"]["output"]["sqnr_db"] == pytest.approx(none.report["fidelity"]["output"]["sqnr_db"])
+    assert "bias_correction_measured" in syn.report["fidelity"]
+    feeds = synthetic_feeds(syn, F.FIDELITY_SAMPLES, seed=1)
+    ref = [syn.run(f, "float")[0] for f in feeds]
+    out = [syn.run(f, "fake-quant")[0] for f in feeds]            # corrected: better on these inputs
+    assert _sqnr(ref, out) > syn.report["fidelity"]["output"]["sqnr_db"] + 0.1
+    calib = {"x": np.random.default_rng(5).standard_normal((8, 3, 12, 12)).astype(np.float32)}
+    cal = psq_tvm.compile(small_cnn(), bias_correction="synthetic", calib_inputs=calib, **kw)
+    assert "bias_correction_measured" not in cal.report["fidelity"]
 
 
 def test_reported_fidelity_is_what_the_package_computes(auto_pkg):

@@ -19,3 +19,7 @@ __all__ = [
     "psq_search", "quantize_levels", "roll", "rtn_per_tile", "tiles", "uniform_crossbars", "uniform_per_layer",
     "unroll", "untile",
 ]
+
+from .cost import COST_PRESETS, CostModel, CostParams, cost_params  # noqa: E402  (hardware cost model)
+
+__all__ += ["COST_PRESETS", "CostModel", "CostParams", "cost_params"]

@@ -5,7 +5,10 @@ to one budget for the whole model:
 
 * ``avg-bits=X``   -- weight-count weighted average bitwidth <= X;
 * ``crossbars=N``  -- occupied crossbars after block reassembly <= N;
-* ``reduction=R``  -- crossbars <= uniform-16-bit crossbars / R.
+* ``reduction=R``  -- crossbars <= uniform-16-bit crossbars / R;
+* ``energy=E`` (uJ per inference), ``latency=T`` (us per inference), ``area=A`` (mm^2) -- the hardware
+  cost model (:mod:`psq_tvm.core.cost`) in place of crossbars; ``energy-reduction=R`` etc.: that figure
+  of uniform 16-bit / R.
 
 It is solved by Lagrangian relaxation (each tile independently minimises
 ``distortion + lambda * cost``), bisection on ``lambda`` against the *exact*
@@ -28,8 +31,11 @@ from .tiling import ModelTiles
 
 if TYPE_CHECKING:  # pragma: no cover
     from .candidates import CandidateTable
+    from .cost import CostModel
 
-BUDGET_KINDS = ("avg-bits", "crossbars", "reduction")
+COST_KINDS = ("energy", "latency", "area")
+COST_UNITS = {"energy": "uJ", "latency": "us", "area": "mm^2"}
+BUDGET_KINDS = ("avg-bits", "crossbars", "reduction") + COST_KINDS + tuple(f"{k}-reduction" for k in COST_KINDS)
 #: the whole-model budget when neither a budget nor a tolerance is given
 DEFAULT_BUDGET = "reduction=4"
 
@@ -51,7 +57,7 @@ class Budget:
 
     @classmethod
     def parse(cls, text: "Budget | str") -> "Budget":
-        """``"avg-bits=4.5"``, ``"crossbars=800"`` or ``"reduction=3.5"``."""
+        """``"avg-bits=4.5"``, ``"crossbars=800"``, ``"reduction=3.5"``, ``"energy=12.5"``, ``"energy-reduction=3"``..."""
         if isinstance(text, Budget):
             return text
         kind, sep, value = str(text).partition("=")
@@ -65,6 +71,12 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value:g}"
+
+    @property
+    def cost_kind(self) -> str | None:
+        """``energy``/``latency``/``area`` for hardware-cost budgets, else None."""
+        k = self.kind.removesuffix("-reduction")
+        return k if k in COST_KINDS else None
 
 
 def allocate_tolerance(table: "CandidateTable", tolerance: float) -> np.ndarray:
@@ -83,11 +95,15 @@ def allocate_tolerance(table: "CandidateTable", tolerance: float) -> np.ndarray:
 class _Measure:
     """The exact budget measure of an allocation, and a per-tile cost estimate for the Lagrangian."""
 
-    def __init__(self, table: "CandidateTable", tiles: ModelTiles, spec: CrossbarSpec, budget: Budget):
+    def __init__(self, table: "CandidateTable", tiles: ModelTiles, spec: CrossbarSpec, budget: Budget,
+                 cost: "CostModel | None" = None):
         self.tiles, self.spec, self.bits = tiles, spec, np.array(table.bits, dtype=np.int64)
         n = tiles.n_weights.astype(np.float64)
         self.slices_of = np.array([spec.slices(b) for b in table.bits], dtype=np.int64)
-        if budget.kind == "avg-bits":
+        self.cost_model = cost
+        if budget.cost_kind is not None:
+            self._init_cost(budget, cost)
+        elif budget.kind == "avg-bits":
             self.kind = "avg-bits"
             self.limit = budget.value
             self.cost = (n / n.sum())[:, None] * self.bits[None, :]
@@ -100,15 +116,62 @@ class _Measure:
             share = np.maximum(tiles.nrows / spec.rows, tiles.ncols / spec.cols)
             self.cost = share[:, None] * (self.slices_of * spec.polarities)[None, :]
 
+    def _init_cost(self, budget: Budget, cost: "CostModel | None") -> None:
+        if cost is None:
+            raise BudgetError(f"budget {budget} needs the hardware cost model (layer shapes and cost numbers): "
+                              "use it through the compile pipeline or pass cost=CostModel(...)")
+        t, spec, kind = self.tiles, self.spec, budget.cost_kind
+        self.kind = kind
+        if kind == "energy":
+            self.cost = np.stack([cost.tile_energy_pj(t.nrows, t.ncols, np.full(t.n_tiles, sl), t.layer) * 1e-6
+                                  for sl in self.slices_of], axis=1)
+            self.fixed = cost.measure("energy", self._mapping(np.zeros(t.n_tiles, np.int64), pack_it=False)) - \
+                float(self.cost[:, 0].sum())
+        elif kind == "area":
+            share = np.maximum(t.nrows / spec.rows, t.ncols / spec.cols)
+            self.cost = share[:, None] * (self.slices_of * spec.polarities)[None, :] * cost.crossbar_area_um2() * 1e-6
+        else:
+            # conversions of the tile over the ADCs of its share of crossbars: a direction for the Lagrangian
+            # (the exact measure below decides)
+            conv = (t.ncols * cost.n_vec[t.layer] * cost.cycles * cost.t_conv * 1e-3)[:, None]
+            self.cost = conv * (self.slices_of * spec.polarities)[None, :] / max(
+                1.0, spec.cols * cost.params.adcs_per_unit / cost.params.crossbars_per_unit)
+        if budget.kind.endswith("-reduction"):
+            u16 = np.full(t.n_tiles, spec.slices(16))
+            self.limit = cost.measure(kind, self._mapping_slices(u16)) / budget.value
+        else:
+            self.limit = budget.value
+
+    def _mapping_slices(self, slices: np.ndarray, pack_it: bool = True):
+        from .cost import TileMapping
+        from .packing import pack
+
+        t, s = self.tiles, self.spec
+        if not pack_it:
+            return TileMapping(t.layer, t.nrows, t.ncols, slices, np.arange(t.n_tiles), 0)
+        pl = pack(t.nrows, t.ncols, slices, s.rows, s.cols, s.polarities)
+        return TileMapping(t.layer, t.nrows, t.ncols, slices, pl.set_of_tile, pl.n_crossbars)
+
+    def _mapping(self, choice: np.ndarray, pack_it: bool = True):
+        return self._mapping_slices(self.slices_of[choice], pack_it)
+
     def __call__(self, choice: np.ndarray) -> float:
         if self.kind == "avg-bits":
             return float(self.cost[np.arange(len(choice)), choice].sum())
+        if self.kind == "energy":       # additive per tile: exact without packing
+            return float(self.cost[np.arange(len(choice)), choice].sum()) + self.fixed
+        if self.kind in ("latency", "area"):
+            return self.cost_model.measure(self.kind, self._mapping(choice))
         t = self.tiles
         return float(count_crossbars(t.nrows, t.ncols, self.slices_of[choice], self.spec.rows,
                                      self.spec.cols, self.spec.polarities))
 
     def describe(self, value: float) -> str:
-        return f"avg bits {value:.4f}" if self.kind == "avg-bits" else f"{int(value)} crossbars"
+        if self.kind == "avg-bits":
+            return f"avg bits {value:.4f}"
+        if self.kind in COST_UNITS:
+            return f"{self.kind} {value:.6g} {COST_UNITS[self.kind]}"
+        return f"{int(value)} crossbars"
 
 
 def _choose(dist: np.ndarray, cost: np.ndarray, lam: float) -> np.ndarray:
@@ -116,10 +179,12 @@ def _choose(dist: np.ndarray, cost: np.ndarray, lam: float) -> np.ndarray:
 
 
 def allocate_budget(table: "CandidateTable", tiles: ModelTiles, spec: CrossbarSpec,
-                    budget: Budget) -> tuple[np.ndarray, str]:
-    """Whole-model allocation under ``budget``; returns (bitwidth indices [T], a note saying what was met)."""
+                    budget: Budget, cost: "CostModel | None" = None) -> tuple[np.ndarray, str]:
+    """Whole-model allocation under ``budget``; returns (bitwidth indices [T], a note saying what was met).
+
+    ``cost`` (a :class:`~psq_tvm.core.cost.CostModel`) is needed for energy/latency/area budgets."""
     budget = Budget.parse(budget)
-    measure = _Measure(table, tiles, spec, budget)
+    measure = _Measure(table, tiles, spec, budget, cost)
     dist, cost = table.distortion, measure.cost
     # cheapest possible allocation (ties by lower distortion)
     cheapest = np.lexsort((dist, cost), axis=1)[:, 0]

@@ -41,6 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .quant import DEFAULT_ROUNDING, ROUNDINGS
 from .tiling import ModelTiles, tile_blocks
 
 OBJECTIVES = ("mse", "cdf-kl")
@@ -63,12 +64,15 @@ class SearchConfig:
     granularity: str = DEFAULT_GRANULARITY   # "tile": one scale per tile; "column": one per tile column (bitline)
     column_bins: int = 64       # histogram bins per column when granularity == "column" (a column has <= rows weights)
     column_thresholds: int = 16  # CDF thresholds per column for cdf-kl (column_bins must be a multiple)
+    rounding: str = DEFAULT_ROUNDING  # how the chosen candidate's levels are formed (quant.ROUNDINGS)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown PSQ objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {ROUNDINGS}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown scale granularity {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.column_bins < 16 or self.column_thresholds < 2 or (

@@ -4,7 +4,9 @@ A :class:`QuantResult` is what every method (PSQ, uniform per-layer,
 per-tile round-to-nearest) produces: for every tile of a
 :class:`~psq_tvm.tiling.ModelTiles` a bitwidth and a scale.  Integer levels
 are ``q = clip(rint(w / s), -L, L)`` with ``L = 2**(b-1) - 1`` (``rint``
-rounds half to even), the dequantised weight is ``s * q``.  Crossbar counts
+rounds half to even), the dequantised weight is ``s * q``; with ``rounding="balanced"``
+(:func:`balanced_levels`) some of them are then rounded the other way so that every crossbar
+column's (bitline's) rounding errors cancel.  Crossbar counts
 come from one packer (:mod:`psq_tvm.packing`) for every method, so every
 comparison is side by side.
 """
@@ -35,6 +37,51 @@ def quantize_levels(w: np.ndarray, scale: np.ndarray | float, bits: np.ndarray |
     return q.astype(np.int16)
 
 
+#: how a tile's levels are formed from its weights, scale and bitwidth
+ROUNDINGS = ("nearest", "balanced")
+DEFAULT_ROUNDING = "balanced"
+
+
+def balanced_levels(w: np.ndarray, scale: np.ndarray | float, bits: np.ndarray | int) -> np.ndarray:
+    """Levels of a canonical block ``w`` ``[nr, tr, nc, tc]`` (axis 1: the rows of a tile column, i.e.
+    the cells on one bitline) whose rounding errors cancel along every bitline (int16).
+
+    Start from :func:`quantize_levels` (round to nearest), with errors ``e = q - w / s`` (in levels). A
+    bitline sums ``x_i * s * (w_i / s + e_i)``; where its inputs are alike (neighbouring channels after
+    a ReLU or BatchNorm are mostly positive and correlated) the error it adds is about
+    ``s * E[x] * sum(e)``.  So, per bitline, with ``E = sum(e)``, the ``k = rint(|E|)`` elements whose error
+    has the sign of ``E`` and is largest in magnitude (those that cost least to move: ``|e|`` close to
+    0.5) are rounded the other way, ``q -= sign(E)``, staying within ``[-L, L]``.  Afterwards
+    ``|sum(e)| <= 0.5`` wherever there were enough such elements; each element moves by at most one
+    level.  This is SQuant's error-sum flipping (Guo et al., "SQuant: On-the-Fly Data-Free Quantization
+    via Diagonal Hessian Approximation", ICLR 2022), applied per crossbar column.  Deterministic
+    (stable sort; ties go to the lower row).
+    """
+    q = quantize_levels(w, scale, bits)
+    if q.ndim != 4 or q.shape[1] < 2:
+        return q
+    L = np.broadcast_to(level_limit(bits), q.shape)
+    qf = q.astype(np.float64)
+    e = qf - np.broadcast_to(np.divide(w, scale, dtype=np.float32), q.shape)
+    E = e.sum(axis=1, keepdims=True)
+    k = np.rint(np.abs(E))
+    sgn = np.sign(E)
+    moved = qf - sgn
+    ok = (k > 0) & (np.sign(e) == sgn) & (np.abs(moved) <= L)
+    order = np.argsort(np.where(ok, -np.abs(e), 1.0), axis=1, kind="stable")
+    rank = np.argsort(order, axis=1, kind="stable")
+    return np.where(ok & (rank < k), moved, qf).astype(np.int16)
+
+
+def block_levels_for(rounding: str):
+    """The level function of a rounding mode: :func:`quantize_levels` or :func:`balanced_levels`."""
+    if rounding == "nearest":
+        return quantize_levels
+    if rounding == "balanced":
+        return balanced_levels
+    raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
+
+
 @dataclasses.dataclass
 class QuantResult:
     """Bitwidth and scale for every tile, and everything derived from them."""
@@ -48,6 +95,7 @@ class QuantResult:
     search_seconds: float = 0.0
     note: str = ""
     candidates: Any = None
+    rounding: str = "nearest"     # how levels are formed (:data:`ROUNDINGS`)
     _placement: Placement | None = dataclasses.field(default=None, repr=False)
 
     # ----------------------------------------------------------- crossbars
@@ -94,7 +142,8 @@ class QuantResult:
 
     def block_levels(self, view: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Integer levels (int16) of a canonical block of weights ``[nr, tr, nc, tc]`` with global tile ids ``[nr, nc]``."""
-        return quantize_levels(view, self._scale_view(ids, view.shape[3]), self.bits[ids][:, None, :, None])
+        return block_levels_for(self.rounding)(view, self._scale_view(ids, view.shape[3]),
+                                               self.bits[ids][:, None, :, None])
 
     def levels(self, layer: int) -> list[np.ndarray]:
         """Integer levels of each unrolled matrix of a layer (int16, same shape as the matrix)."""
@@ -117,7 +166,7 @@ class QuantResult:
             out = empty_like_layout(m, np.float64)
             for (view, ids), (oview, _) in zip(canonical_blocks(m, grid), canonical_blocks(out, grid)):
                 s = self._scale_view(first + ids, view.shape[3])
-                oview[...] = quantize_levels(view, s, self.bits[first + ids][:, None, :, None]) * s
+                oview[...] = self.block_levels(view, first + ids) * s
             mats.append(out)
         lay = self.tiles.layers[layer]
         return roll(mats, lay.kind, lay.weight.shape, lay.groups).astype(np.float32)

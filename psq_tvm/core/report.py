@@ -81,7 +81,37 @@ def format_table(rep: dict[str, Any]) -> str:
     for h in rep.get("host_layers", []):
         lines.append(f"  host: {h['name']} ({h['op']}): {h['reason']}")
     lines += format_fidelity(rep.get("fidelity"))
+    lines += format_cost(rep.get("cost"))
     return "\n".join(lines)
+
+
+COST_VARIANTS = ("psq", "uniform16", "uniform8")
+
+
+def format_cost(cost: dict[str, Any] | None) -> list[str]:
+    """Text lines of the report's ``cost`` section: per layer and total energy, latency, area, side by side."""
+    if not cost:
+        return []
+    out = [f"hardware cost ({cost['params']} numbers, {cost['adc_bits']}-bit ADC, {cost['input_cycles']} input "
+           "bit-cycles; energy uJ / latency us per inference, area mm^2), PSQ | uniform16 | uniform8:"]
+    head = f"  {'layer':<26} {'energy':>29} {'latency':>29} {'area':>23}"
+    out.append(head)
+    rows = zip(*(cost[v]["layers"] for v in COST_VARIANTS))
+    for ls in rows:
+        out.append(f"  {ls[0]['name'][:26]:<26} " + " ".join(
+            "|".join(f"{l[k]:9.4g}" for l in ls) for k in ("energy_uj", "latency_us")) + " "
+            + "|".join(f"{l['area_mm2']:7.3g}" for l in ls))
+    t = [cost[v] for v in COST_VARIANTS]
+    out.append(f"  {'total':<26} " + " ".join("|".join(f"{x[k]:9.4g}" for x in t) for k in ("energy_uj", "latency_us"))
+               + " " + "|".join(f"{x['area_mm2']:7.3g}" for x in t))
+    out.append("  chips: " + ", ".join(f"{v} {x['chips']}" for v, x in zip(COST_VARIANTS, t))
+               + "; pipeline interval (us, no replication -> with replication): "
+               + ", ".join(f"{v} {x['pipeline']['interval_us']:.4g} -> {x['pipeline']['interval_replicated_us']:.4g}"
+                           for v, x in zip(COST_VARIANTS, t)))
+    e16, e8, e = t[1]["energy_uj"], t[2]["energy_uj"], t[0]["energy_uj"]
+    if e > 0:
+        out.append(f"  energy: {e16 / e:.2f}x less than uniform16, {e8 / e:.2f}x less than uniform8")
+    return out
 
 
 def format_fidelity(fid: dict[str, Any] | None) -> list[str]:
@@ -107,8 +137,10 @@ def format_fidelity(fid: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def plot(rep: dict[str, Any], path: str) -> str:
-    """Two panels: bitwidth of every tile per layer, and crossbars per layer vs. baselines."""
+def plot(rep: dict[str, Any], path: Any, format: str | None = None) -> Any:  # noqa: A002 (matplotlib's name)
+    """Two panels: bitwidth of every tile per layer, and crossbars per layer vs. baselines.
+
+    ``path``: a file name or a binary file object (then ``format``, e.g. 'png', says the image format)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +148,8 @@ def plot(rep: dict[str, Any], path: str) -> str:
 
     layers = rep.get("pim_layers", [])
     fid = rep.get("fidelity")
-    n = 3 if fid else 2
+    cost = rep.get("cost")
+    n = 2 + bool(fid) + 3 * bool(cost)
     fig, axes = plt.subplots(n, 1, figsize=(max(6, 0.35 * len(layers) + 3), 3.5 * n), constrained_layout=True)
     ax1, ax2 = axes[0], axes[1]
     for k, l in enumerate(layers):
@@ -148,6 +181,16 @@ def plot(rep: dict[str, Any], path: str) -> str:
                       f"(threshold {fid['threshold']['sqnr_db']:.1f} dB)", fontsize=9)
         ax3.set_xticks(x)
         ax3.set_xticklabels([l["name"] for l in layers], rotation=70, fontsize=7)
-    fig.savefig(path, dpi=120)
+    if cost:
+        for ax, key, unit in zip(axes[n - 3:], ("energy_uj", "latency_us", "area_mm2"), ("uJ", "us", "mm^2")):
+            for k, v in enumerate(COST_VARIANTS):
+                ax.bar(x + (k - 1) * w, [l[key] for l in cost[v]["layers"]], w,
+                       label=f"{v} (total {cost[v][key]:.4g} {unit})")
+            ax.set_ylabel(f"{key.split('_')[0]} ({unit})")
+            ax.set_title(f"{key.split('_')[0]} per layer, {cost['params']} cost numbers", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.set_xticks(x)
+            ax.set_xticklabels([l["name"] for l in layers], rotation=70, fontsize=7)
+    fig.savefig(path, dpi=120, format=format)
     plt.close(fig)
     return path

@@ -49,15 +49,17 @@ def psq_search(layers: Sequence[Layer], spec: CrossbarSpec, *, config: SearchCon
     else:
         budget = Budget.parse(budget or DEFAULT_BUDGET)
         choice, note = allocate_budget(table, tiles, spec, budget)
-    return quant_result(table, tiles, spec, choice, config.objective, time.perf_counter() - start, note)
+    return quant_result(table, tiles, spec, choice, config.objective, time.perf_counter() - start, note,
+                        rounding=config.rounding)
 
 
 def quant_result(table: CandidateTable, tiles: ModelTiles, spec: CrossbarSpec, choice: np.ndarray,
-                 objective: str, seconds: float = 0.0, note: str = "") -> QuantResult:
-    """The :class:`QuantResult` of one allocation ``choice`` (indices into ``table.bits``, one per tile)."""
+                 objective: str, seconds: float = 0.0, note: str = "", rounding: str = "nearest") -> QuantResult:
+    """The :class:`QuantResult` of one allocation ``choice`` (indices into ``table.bits``, one per tile), its
+    levels formed by ``rounding`` (:data:`psq_tvm.core.quant.ROUNDINGS`)."""
     t = np.arange(tiles.n_tiles)
     return QuantResult(
         tiles=tiles, spec=spec, bits=np.array(table.bits, dtype=np.int64)[choice], scales=table.scales(choice),
         objective=table.objective[t, choice], method=f"psq-{objective}", search_seconds=seconds, note=note,
-        candidates=table)
+        candidates=table, rounding=rounding)
 

@@ -26,8 +26,9 @@ import numpy as np
 from .quant import QuantResult
 from .tiling import Layer, ModelTiles, unroll
 
-#: chosen from the evaluation (README, "Defaults"): a no-op for models without BatchNorm
-DEFAULT_BIAS_CORRECTION = "bn"
+#: chosen from the evaluation (README, "Defaults"): BatchNorm statistics where the model has them, the
+#: synthetic ones (N(0, 1) after the model's own input normalisation) for the other layers
+DEFAULT_BIAS_CORRECTION = "bn+synthetic"
 
 
 def row_statistic(layer: Layer, channel_stat: np.ndarray) -> list[np.ndarray]:

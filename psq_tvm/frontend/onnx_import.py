@@ -44,6 +44,7 @@ fallback, a silently degraded accuracy or a package that fails at run time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -67,9 +68,42 @@ def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
             out[name] = [int(d) for d in dims.replace(" ", "").split(",") if d != ""]
         except ValueError:
             raise ModelImportError(f"cannot parse --input-shapes {text!r}: dims of {name!r} must be integers") from None
+        bad = [d for d in out[name] if d <= 0]
+        if bad:
+            raise ModelImportError(f"--input-shapes {text!r}: every dim of {name!r} must be a positive integer, "
+                                   f"got {out[name]}; give the real sizes, e.g. '{name}:[1,3,224,224]'")
     if not out:
         raise ModelImportError(f"cannot parse --input-shapes {text!r}: expected e.g. 'input:[1,3,224,224]'")
     return out
+
+
+@contextlib.contextmanager
+def _stderr_without(needle: str):
+    """Run the block with file descriptor 2 captured, then pass on every line not containing ``needle``
+    (TVM's C++ logger writes to the descriptor, below Python's ``sys.stderr``)."""
+    import sys
+    import tempfile
+
+    fd = 2                                              # where the C++ logger writes, whatever sys.stderr is
+    try:
+        saved = os.dup(fd)
+    except OSError:                                     # no descriptor 2: nothing to filter
+        yield
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(True) if needle not in ln]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def load_onnx(model_or_path: Any):
@@ -147,7 +181,13 @@ def set_input_shapes(model, shapes: Mapping[str, Sequence[int]], where: str = "m
                 inp.type.tensor_type.shape.dim.add().dim_value = int(d)
         else:
             for k, d in enumerate(dims):
-                if not d.HasField("dim_value") or d.dim_value <= 0:
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    shape = [x.dim_value if x.HasField("dim_value") else (x.dim_param or "?") for x in dims]
+                    raise ModelImportError(
+                        f"{where}: input {inp.name!r} declares dim {k} as {d.dim_value} (shape {shape}): an input "
+                        f"without elements cannot be compiled; give the real sizes with --input-shapes "
+                        f"\"{inp.name}:[...]\"")
+                if not d.HasField("dim_value"):
                     if k == 0:  # a symbolic batch dim: default 1
                         d.Clear()
                         d.dim_value = 1
@@ -570,7 +610,7 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     from tvm.relax.frontend.onnx import from_onnx
 
     from .bn_stats import batchnorm_input_stats
-    from .input_ranges import index_ranges
+    from .input_ranges import index_ranges, input_normalization
 
     model, where = prepare_onnx(model_or_path, input_shapes, batchnorm=False)
     bn_stats = batchnorm_input_stats(model)          # before the BatchNorms are folded away
@@ -581,21 +621,32 @@ def import_onnx(model_or_path: Any, input_shapes: Mapping[str, Sequence[int]] | 
     dtype_dict = {i["name"]: i["dtype"] for i in inputs}
     import warnings
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # "X in initializer but not in graph input" (IR < 4 models)
-            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
-    except Exception as e:
-        msg = " ".join(str(e).strip().split())[:400] or type(e).__name__
-        raise ModelImportError(f"model {where}: TVM's ONNX importer failed: {msg}{_computed_shape_hint(model, msg)}") \
-            from None
+    import io
+
+    said = io.StringIO()                      # the importer prints "Error converting operator ..." itself
+    failure = None
+    with _stderr_without("BlockBuilder destroyed"):     # TVM's C++ log when a failed import is freed
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(said):
+                warnings.simplefilter("ignore")   # "X in initializer but not in graph input" (IR < 4 models)
+                mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+        except Exception as e:
+            op = re.search(r"Error converting operator (\w+)", said.getvalue())
+            failure = (f"at operator {op.group(1)}: " if op else "") + (" ".join(str(e).strip().split())[:400]
+                                                                        or type(e).__name__)
+        if failure is not None:               # the failed importer (its frames) is freed here, inside the filter
+            import gc
+            gc.collect()
+    if failure is not None:
+        raise ModelImportError(f"model {where}: TVM's ONNX importer failed: {failure}"
+                               f"{_computed_shape_hint(model, failure)}")
     mod = relax.transform.DecomposeOpsForInference()(mod)
     mod, left = fold_constants_numpy(mod)
     if left:
         mod = relax.transform.FoldConstant()(mod)   # whatever numpy did not cover (rare)
     check_relax_weights(mod, where, model)
     return mod, {"inputs": inputs, "names": weight_names(model), "model": where, "bn_stats": bn_stats,
-                 "index_ranges": index_ranges(model)}
+                 "index_ranges": index_ranges(model), "input_normalization": input_normalization(model, shape_dict)}
 
 
 #: ops whose shape-like input TVM's importer needs as a constant -> its position

@@ -13,7 +13,7 @@ from tvm.relax.backend.pattern_registry import get_patterns_with_prefix
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..core.crossbar import CrossbarSpec, preset
-from ..frontend.onnx_import import const_array, fingerprint, fold_constants_numpy
+from ..frontend.onnx_import import check_relax_weights, const_array, fingerprint, fold_constants_numpy
 from .patterns import PREFIX, WEIGHT_OPS, _shape, active_spec, host_reason
 
 ATTR_NAME = "pim_psq.name"
@@ -157,7 +157,9 @@ class PartitionForPIM:
     ``spec`` decides borderline layers (grouped/depthwise convs); ``names`` maps weight
     fingerprints to model layer names (from :func:`psq_tvm.importer.weight_names`).
     Layers left on the host are recorded, with the reason, in the module attribute
-    ``pim_psq.host_layers`` (a JSON list of ``{name, op, reason}``).
+    ``pim_psq.host_layers`` (a JSON list of ``{name, op, reason}``).  A constant weight with NaN/Inf
+    values or no elements is an error (:class:`~psq_tvm.frontend.ModelImportError`, which TVM's pass
+    machinery re-raises as ``RuntimeError``), as at ONNX import.
     """
 
     def __init__(self, spec: CrossbarSpec | None = None, names: Mapping[str, str] | None = None):
@@ -169,6 +171,7 @@ class PartitionForPIM:
         mod, left = fold_constants_numpy(mod)          # e.g. Gemm's permute_dims(W) becomes a constant
         if left:
             mod = relax.transform.FoldConstant()(mod)
+        check_relax_weights(mod, "<module>")          # NaN/Inf/empty weights: an error, not a silent host layer
         with active_spec(self.spec):
             patterns = get_patterns_with_prefix(PREFIX)
             mod = relax.transform.FuseOpsByPattern(patterns, bind_constants=True, annotate_codegen=False)(mod)
@@ -189,9 +192,20 @@ class PartitionForPIM:
                         if isinstance(a, Constant):
                             name = self.names.get(fingerprint(const_array(a)))
                     host.append({"name": _unique(name or f"host_{op}_{k}", used), "op": op,
-                                 "reason": host_reason(v, self.spec)})
+                                 "reason": host_reason(v, self.spec), "macs": host_macs(v)})
                     k += 1
         return mod.with_attr(HOST_ATTR, json.dumps(host))
+
+
+def host_macs(call: Call) -> int | None:
+    """Multiply-accumulates of one host weight op per run (None when a shape is not static)."""
+    out, a, w = _shape(call), _shape(call.args[0]), _shape(call.args[1])
+    if out is None or a is None or w is None:
+        return None
+    if call.op.name == "relax.matmul":
+        return int(np.prod(out)) * int(a[-1])
+    per = int(np.prod(w[1:]))                      # conv weight [O, I/g, k...]; transposed [I, O/g, k...]
+    return (int(np.prod(a)) if "transpose" in call.op.name else int(np.prod(out))) * per
 
 
 def host_layers(mod: tvm.IRModule) -> list[dict[str, str]]:

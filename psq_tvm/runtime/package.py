@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import ustar
+from .files import OutputPathError, check_output_path, write_with
 
 FORMAT = "psq-tvm-package"
 VERSION = 1
@@ -165,37 +166,31 @@ class Package:
         return files
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write the package as a tar, atomically (no partial file is ever left at ``path``); sets :attr:`digest`."""
+        """Write the package as a tar, atomically (no partial file is ever left at ``path``; see
+        :mod:`psq_tvm.runtime.files`); sets :attr:`digest`."""
         path = os.fspath(path)
         files = self.members()
         mtime = source_date_epoch()
-        d = os.path.dirname(os.path.abspath(path)) or "."
-        if not os.path.isdir(d):
-            raise PackageError(f"cannot write {path!r}: directory {d!r} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=".psq-", suffix=".tar.tmp", dir=d)
         try:
-            with os.fdopen(fd, "wb") as f:
-                with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                    tar.copybufsize = 1 << 22
-                    for name in sorted(files):
-                        data = files[name]
-                        info = tarfile.TarInfo(name)
-                        info.size = len(data)
-                        info.mtime = mtime
-                        info.mode = 0o644
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, _BufferReader(data))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            self.digest = ustar.file_sha256(path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+            check_output_path(path, "package")
+        except OutputPathError as e:
+            raise PackageError(str(e)) from None
+
+        def write_tar(f) -> None:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                tar.copybufsize = 1 << 22
+                for name in sorted(files):
+                    data = files[name]
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    info.mtime = mtime
+                    info.mode = 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, _BufferReader(data))
+
+        write_with(path, write_tar, suffix=".tar.tmp", what="package")
+        self.digest = ustar.file_sha256(path)
         self.path = path
         return path
 
@@ -236,10 +231,15 @@ class Package:
                 raise PackageError(f"model takes {len(info)} input(s) {[i['name'] for i in info]}, got {len(arrs)}")
         out = []
         for a, i in zip(arrs, info):
-            a = a.astype(i["dtype"], copy=False)
+            a = cast_input(a, i["dtype"], i["name"])[0]
+            if a.ndim != len(i["shape"]):
+                raise PackageError(f"input {i['name']!r} has shape {list(a.shape)} (rank {a.ndim}); the package was "
+                                   f"compiled for {i['shape']} (rank {len(i['shape'])}): give arrays of that rank"
+                                   + (" (add the batch dim, e.g. x[None])" if a.ndim + 1 == len(i["shape"]) else ""))
             if list(a.shape) != list(i["shape"]):
                 raise PackageError(f"input {i['name']!r} has shape {list(a.shape)}, the package was compiled for "
-                                   f"{i['shape']} (recompile with --input-shapes \"{i['name']}:{list(a.shape)}\")")
+                                   f"{i['shape']} (if the model takes that size, recompile with --input-shapes "
+                                   f"\"{i['name']}:[{','.join(map(str, a.shape))}]\")")
             if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
                 bad = int(a.size - np.count_nonzero(np.isfinite(a)))
                 raise PackageError(f"input {i['name']!r} has {bad} NaN/Inf value(s); the PIM activation range is "
@@ -282,6 +282,35 @@ class Package:
                 y = self.run([chunk], mode, sim_options)[0]
             outs.append(y)
         return np.concatenate(outs)
+
+
+def cast_input(a: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, str | None]:
+    """``a`` as the compiled input dtype, and a note saying so when a cast was needed.
+
+    Casts that keep the values are done: any real number to float, integers to an integer dtype that
+    holds them, floats with integral values (e.g. token ids saved as float) to an integer dtype.  Anything
+    else (bool, complex, strings; fractions or out-of-range values for an integer input) is a
+    :class:`PackageError` saying what the model takes.
+    """
+    a = np.asarray(a)
+    want = np.dtype(dtype)
+    if a.dtype == want:
+        return a, None
+    note = f"input {name!r} is {a.dtype}, the package takes {want}: cast"
+    if a.dtype.kind not in "iuf":
+        raise PackageError(f"input {name!r} has dtype {a.dtype}; the package takes {want} (give numbers)")
+    if want.kind == "f":
+        return a.astype(want), note
+    if want.kind in "iu":
+        lim = np.iinfo(want)
+        if a.dtype.kind == "f" and a.size and not np.all(np.isfinite(a) & (a == np.round(a))):
+            raise PackageError(f"input {name!r} is {a.dtype} with non-integer values; the package takes {want} "
+                               "(e.g. token ids)")
+        if a.size and (a.min() < lim.min or a.max() > lim.max):
+            raise PackageError(f"input {name!r} has values in [{a.min()}, {a.max()}], outside {want}'s range "
+                               f"[{lim.min}, {lim.max}]")
+        return a.astype(want), note
+    raise PackageError(f"input {name!r}: the package takes dtype {want}, which tvmc cannot feed")
 
 
 def _flatten(res) -> list[np.ndarray]:

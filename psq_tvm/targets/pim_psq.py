@@ -23,8 +23,11 @@ def _convert(field: str, value: Any) -> Any:
     if field == "weight_bits":
         return parse_bits(value) if isinstance(value, str) else tuple(int(b) for b in value)
     if field == "adc_bits":
-        if value is None or str(value).lower() in ("none", "lossless", "0"):
+        if value is None or str(value).lower() in ("none", "lossless"):
             return None
+        if str(value).strip() == "0":
+            raise SpecError("--target-pim-psq-adc-bits 0: an ADC needs at least 1 bit; give 1..32, or 'none' "
+                            "for a lossless ADC")
     if field == "encoding":
         return str(value)
     try:
@@ -51,8 +54,9 @@ def build(model_or_path: Any, target: str = TAG, *, preset_name: str | None = No
     give the crossbar model; every other keyword is a :class:`~psq_tvm.targets.pipeline.CompileOptions`
     field.  Runs :class:`~psq_tvm.targets.pipeline.Pipeline` (``pipeline``: your own stages).
     """
-    from .pipeline import CompileOptions, build as run_pipeline
+    from .pipeline import CompileOptions, build as run_pipeline, require_c_compiler
 
+    require_c_compiler()                       # before the compile, not after it
     fields = {f.name for f in dataclasses.fields(CompileOptions)}
     overrides = {k: options.pop(k) for k in list(options) if k not in fields}
     spec = spec.replace(**{k: _convert(k, v) for k, v in overrides.items() if v is not None}) if spec \

@@ -13,6 +13,7 @@ fields of the context (its docstring says which):
 ``allocate``        bitwidths under the budget (``auto``: fewest crossbars meeting the fidelity): ``result``
 ``bias_correction`` DFQ bias corrections from the input means: ``bias_corrections``
 ``fidelity``        the quantised model against float on data-free inputs: ``fidelity`` (+ a warning)
+``cost``            energy, latency, area of PSQ and uniform 16/8 (:mod:`psq_tvm.core.cost`): ``cost``
 ``package``         crossbar tables, manifest, report; the :class:`~psq_tvm.runtime.Package`, once
 ==================  =====================================================================
 
@@ -41,7 +42,9 @@ import numpy as np
 from .. import __version__
 from ..core.allocation import Budget, allocate_budget, allocate_tolerance
 from ..core.candidates import DEFAULT_GRANULARITY, DEFAULT_OBJECTIVE, SearchConfig, evaluate_candidates
+from ..core.cost import CostModel, chips_warning, cost_params, cost_section, mapping_from_placement
 from ..core.crossbar import CrossbarSpec, parse_bits
+from ..core.quant import DEFAULT_ROUNDING
 from ..core.report import build_report
 from ..core.search import quant_result
 from ..core.sensitivity import DEFAULT_BIAS_CORRECTION, input_weighted_importance
@@ -56,8 +59,9 @@ from .tag import TAG, register_tag
 TARGETS = ("pim-psq", "llvm")
 #: the compile's default budget: the fewest crossbars whose fidelity meets --psq-min-fidelity
 DEFAULT_COMPILE_BUDGET = "auto"
-#: where input statistics may come from (``calib``: the user's --calib-inputs)
-STAT_KINDS = ("synthetic", "bn", "calib")
+#: where input statistics may come from (``calib``: the user's --calib-inputs; ``bn+synthetic``: the
+#: BatchNorm statistics where the model has them, the synthetic ones for the other layers)
+STAT_KINDS = ("synthetic", "bn", "bn+synthetic", "calib")
 #: the choices of --psq-sensitivity and --psq-bias-correction
 STAT_SOURCES = ("none",) + STAT_KINDS
 #: the auto budget scans crossbar budgets n_top / step (n_top: every tile at its least distortion) ...
@@ -84,6 +88,8 @@ class CompileOptions:
     """Per-tile distortion the search minimises: ``mse`` or ``cdf-kl``."""
     granularity: str = DEFAULT_GRANULARITY
     """``tile``: one scale per crossbar tile; ``column``: one per tile column (bitline), in the digital stage."""
+    rounding: str = DEFAULT_ROUNDING
+    """How levels are formed: ``nearest``, or ``balanced`` (rounding errors cancel along every bitline)."""
     budget: str | None = None
     """``auto`` (default), ``avg-bits=X``, ``crossbars=N`` or ``reduction=R``; exclusive with ``tolerance``."""
     tolerance: float | None = None
@@ -104,6 +110,8 @@ class CompileOptions:
     """Keep the original float weights in the package (``tvmc run --mode float``, ``--verify``)."""
     fold_batchnorm: bool = True
     """Fold inference BatchNorm into the preceding conv before quantisation."""
+    cost: Mapping[str, Any] | str | None = None
+    """Overrides of the preset's hardware cost numbers (``CostParams`` fields, or a JSON file of them)."""
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -122,7 +130,12 @@ class CompileOptions:
         if "calib" in (self.sensitivity, self.bias_correction) and self.calib_inputs is None:
             raise CompileError("--psq-sensitivity/--psq-bias-correction calib need --calib-inputs")
         F.parse_min_fidelity(self.min_fidelity)
-        SearchConfig(objective=self.objective, granularity=self.granularity)
+        if self.cost is not None:
+            cost_params("isaac", self.cost)                 # a clear error now, not after the import
+        try:
+            SearchConfig(objective=self.objective, granularity=self.granularity, rounding=self.rounding)
+        except ValueError as e:
+            raise CompileError(str(e)) from None
 
     @property
     def auto(self) -> bool:
@@ -154,6 +167,7 @@ class CompileContext:
     auto_budget: dict | None = None     # allocate (auto): the points tried and the choice
     bias_corrections: list | None = None
     fidelity: dict | None = None
+    cost: dict | None = None            # cost: energy/latency/area of PSQ and uniform 16/8 (the report's section)
     package: Package | None = None
     timing: dict = dataclasses.field(default_factory=dict)
     _float_model: Package | None = None
@@ -188,6 +202,11 @@ class CompileContext:
                 e["tiles"] = tile_entries(self.result, li)
             out.append(e)
         return out
+
+    def cost_model(self) -> CostModel:
+        """The hardware cost model of this model on this spec (the preset's numbers + ``options.cost``)."""
+        return CostModel.from_layers(self.layers, self.spec, cost_params(self.spec.name, self.options.cost),
+                                     self.host_layers)
 
     def float_model(self) -> Package:
         """A runnable package of the float model (host library + float PIM weights), for the probes."""
@@ -233,6 +252,9 @@ class CompileContext:
                 self.stats[kind] = batchnorm_layer_stats(self.manifest_layers(), self.info.get("bn_stats") or {})
             elif kind == "synthetic":
                 self.stats[kind] = synthetic_input_stats(self.float_model())
+            elif kind == "bn+synthetic":
+                self.stats[kind] = [b if b is not None else s for b, s in
+                                    zip(self.input_statistics("bn"), self.input_statistics("synthetic"))]
             elif kind == "calib":
                 self.stats[kind] = float_input_stats(self.float_model(), self.calib_feeds())
             else:
@@ -316,6 +338,8 @@ def stage_import(ctx: CompileContext) -> None:
     for i in ctx.info["inputs"]:
         if i["name"] in ctx.info.get("index_ranges", {}):
             i["index_range"] = int(ctx.info["index_ranges"][i["name"]])
+        if i["name"] in ctx.info.get("input_normalization", {}):
+            i["normalization"] = ctx.info["input_normalization"][i["name"]]
 
 
 def stage_partition(ctx: CompileContext) -> None:
@@ -368,7 +392,8 @@ def stage_candidates(ctx: CompileContext) -> None:
         imp = input_weighted_importance(ctx.tiles, [None if st is None else st[1]
                                                     for st in ctx.input_statistics(o.sensitivity)])
     ctx.say(f"PSQ candidates: {ctx.tiles.n_tiles} tiles x {len(bits)} bitwidths ({o.objective}, per {o.granularity})")
-    ctx.candidates = evaluate_candidates(ctx.tiles, bits, SearchConfig(objective=o.objective, granularity=o.granularity),
+    ctx.candidates = evaluate_candidates(ctx.tiles, bits, SearchConfig(objective=o.objective, granularity=o.granularity,
+                                                                       rounding=o.rounding),
                                          imp)
     ctx.timing["search_seconds"] = time.perf_counter() - t0
 
@@ -382,8 +407,11 @@ def stage_allocate(ctx: CompileContext) -> None:
     elif o.auto:
         choice, note = _auto_budget(ctx)
     else:
-        choice, note = allocate_budget(ctx.candidates, ctx.tiles, ctx.spec, Budget.parse(o.budget))
-    ctx.result = quant_result(ctx.candidates, ctx.tiles, ctx.spec, choice, o.objective, note=note)
+        budget = Budget.parse(o.budget)
+        choice, note = allocate_budget(ctx.candidates, ctx.tiles, ctx.spec, budget,
+                                       ctx.cost_model() if budget.cost_kind else None)
+    ctx.result = quant_result(ctx.candidates, ctx.tiles, ctx.spec, choice, o.objective, note=note,
+                              rounding=o.rounding)
     measuring = ctx.timing.get("fidelity_seconds", 0.0) - fid0          # auto: the fidelity runs, not search
     ctx.timing["search_seconds"] = ctx.timing.get("search_seconds", 0.0) + time.perf_counter() - t0 - measuring
     ctx.result.search_seconds = ctx.timing["search_seconds"]
@@ -404,17 +432,36 @@ def stage_fidelity(ctx: CompileContext) -> None:
     """The quantised model against float on data-free (or --calib) inputs (fills ``fidelity``; warns)."""
     t0 = time.perf_counter()
     probe = ctx.probe()
-    w, b = ctx.weights_of(ctx.result, ctx.bias_corrections)
+    w, b = ctx.weights_of(ctx.result, _guard_corrections(ctx, ctx.result, ctx.bias_corrections))
     relative = any(rule == "rtn8" for rule, _ in F.parse_min_fidelity(ctx.options.min_fidelity))
     ctx.fidelity = F.fidelity_section(probe, w, b, ctx.threshold(), ctx.reference_rtn8() if relative else None)
     if ctx.auto_budget is not None:
         ctx.fidelity["auto_budget"] = ctx.auto_budget
+    if _guard_drops_synthetic(ctx):
+        ctx.fidelity["bias_correction_measured"] = (
+            "BatchNorm-derived corrections only: the synthetic-statistics corrections are fitted to inputs like "
+            "the probe's, so they are left out of the measure (what they gain on real data is not counted)")
     ctx.timing["fidelity_seconds"] = ctx.timing.get("fidelity_seconds", 0.0) + time.perf_counter() - t0
     o = ctx.fidelity["output"]
     ctx.say(f"fidelity on {probe.source}: output SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}"
             + (f", top-1 agreement {o['top1_agreement']:.3f}" if "top1_agreement" in o else "")
             + f" (threshold {ctx.fidelity['threshold']['sqnr_db']:.1f} dB)")
     msg = F.warning_text(ctx.fidelity)
+    if msg:
+        ctx.warn(msg)
+
+
+def stage_cost(ctx: CompileContext) -> None:
+    """Energy, latency and area of PSQ and uniform 16/8-bit on the same numbers (fills ``cost``; warns)."""
+    r = ctx.result
+    m = mapping_from_placement(r.tiles.layer, r.tiles.nrows, r.tiles.ncols, r.slices, r.placement)
+    model = ctx.cost_model()
+    ctx.cost = cost_section(m, ctx.spec, model)
+    ctx.cost["params_values"] = model.params.to_dict()
+    p = ctx.cost["psq"]
+    ctx.say(f"cost ({model.params.name} numbers): {p['energy_uj']:.4g} uJ, {p['latency_us']:.4g} us per inference, "
+            f"{p['area_mm2']:.4g} mm^2, {p['chips']} chip(s)")
+    msg = chips_warning(ctx.cost, model.params)
     if msg:
         ctx.warn(msg)
 
@@ -443,6 +490,8 @@ def stage_package(ctx: CompileContext) -> None:
     report = build_report(ctx.result if pim else None, ctx.host_layers, ctx.spec, layers)
     if ctx.fidelity is not None:
         report["fidelity"] = ctx.fidelity
+    if pim and ctx.cost is not None:
+        report["cost"] = ctx.cost
     manifest = {
         "format": FORMAT, "version": VERSION, "target": o.target, "model": ctx.model_name,
         "producer": {"psq_tvm": __version__, "tvm": tvm.__version__},
@@ -450,7 +499,7 @@ def stage_package(ctx: CompileContext) -> None:
         "layers": layers, "host_layers": ctx.host_layers, "report": report,
         "fold_batchnorm": bool(o.fold_batchnorm),
         "search": {"objective": o.objective, "budget": o.budget, "tolerance": o.tolerance,
-                   "granularity": o.granularity, "sensitivity": o.sensitivity, "bias_correction": o.bias_correction,
+                   "granularity": o.granularity, "rounding": o.rounding, "sensitivity": o.sensitivity, "bias_correction": o.bias_correction,
                    "min_fidelity": str(o.min_fidelity or F.DEFAULT_MIN_FIDELITY),
                    "bits": list(o.bits) if o.bits else None,
                    "note": ctx.result.note if ctx.result is not None else ""},
@@ -476,7 +525,7 @@ STAGES: tuple[Stage, ...] = (
     ("import", stage_import), ("partition", stage_partition), ("lower", stage_lower),
     ("build_host", stage_build_host), ("input_stats", stage_input_stats), ("candidates", stage_candidates),
     ("allocate", stage_allocate), ("bias_correction", stage_bias_correction), ("fidelity", stage_fidelity),
-    ("package", stage_package),
+    ("cost", stage_cost), ("package", stage_package),
 )
 #: the stages of a plain llvm build
 LLVM_STAGES = ("import", "build_host", "package")
@@ -549,6 +598,23 @@ def _corrections(ctx: CompileContext, result) -> list | None:
     return None if kind == "none" else bias_corrections(result, ctx.input_statistics(kind))
 
 
+def _guard_drops_synthetic(ctx: CompileContext) -> bool:
+    """True when the fidelity guard measures on synthetic inputs and the bias correction uses synthetic
+    statistics: a correction fitted to inputs drawn like the probe's would credit itself."""
+    return ctx.options.calib_inputs is None and ctx.options.bias_correction in ("synthetic", "bn+synthetic")
+
+
+def _guard_corrections(ctx: CompileContext, result, corrections: list | None = None) -> list | None:
+    """The bias corrections the fidelity guard measures with: ``corrections`` (default: those of
+    ``result``), less the ones from synthetic statistics when :func:`_guard_drops_synthetic`."""
+    if corrections is None and ctx.options.bias_correction != "none":
+        corrections = _corrections(ctx, result)
+    if corrections is None or not _guard_drops_synthetic(ctx):
+        return corrections
+    bn = ctx.input_statistics("bn") if ctx.options.bias_correction == "bn+synthetic" else [None] * len(corrections)
+    return [c if st is not None else None for c, st in zip(corrections, bn)]
+
+
 def _auto_budget(ctx: CompileContext) -> tuple[np.ndarray, str]:
     """The fewest crossbars whose output fidelity meets the threshold, over the whole-model Lagrangian.
 
@@ -576,8 +642,8 @@ def _auto_budget(ctx: CompileContext) -> tuple[np.ndarray, str]:
         if n not in points:
             if choice is None:
                 choice = allocate_budget(table, tiles, spec, Budget("crossbars", n))[0]
-            result = quant_result(table, tiles, spec, choice, ctx.options.objective)
-            w, b = ctx.weights_of(result, _corrections(ctx, result))
+            result = quant_result(table, tiles, spec, choice, ctx.options.objective, rounding=ctx.options.rounding)
+            w, b = ctx.weights_of(result, _guard_corrections(ctx, result))
             points[n] = (choice, ctx.probe().output_metrics(w, b)["sqnr_db"])
             ctx.say(f"  auto budget: {crossbars(choice)} crossbars -> output SQNR {points[n][1]:.1f} dB "
                     f"(need {thr:.1f})")
@@ -618,7 +684,24 @@ def _auto_budget(ctx: CompileContext) -> tuple[np.ndarray, str]:
                    f"(threshold {thr:.1f} dB; {why})"
 
 
+def require_c_compiler() -> str:
+    """The C compiler TVM's ``export_library`` links the host library with; a clear error when there is none."""
+    import shutil
+
+    from tvm.support.cc import get_cc
+
+    cc = get_cc()
+    if cc and shutil.which(cc.split()[0]):
+        return cc
+    where = f"$CC/$CXX names {cc!r}, which is not an executable" if cc else \
+        "no g++, gcc, clang++, clang, c++ or cc on PATH"
+    raise RuntimeError(f"no C compiler ({where}): TVM links the host library with one; install one "
+                       "(e.g. `apt-get install gcc`, `dnf install gcc`, `xcode-select --install`) or set CC "
+                       "to its path")
+
+
 def _export(ex) -> bytes:
+    require_c_compiler()
     with tempfile.TemporaryDirectory(prefix="psq-build-") as d:
         p = os.path.join(d, "host_library.so")
         ex.export_library(p)

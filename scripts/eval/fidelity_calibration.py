@@ -52,13 +52,14 @@ def run(args, save=None) -> dict:
     from psq_tvm.core.search import quant_result
     from psq_tvm.frontend.onnx_import import fold_batchnorm
     from psq_tvm.targets import fidelity as F
-    from psq_tvm.targets.pipeline import CompileContext, CompileOptions, Pipeline, _corrections
+    from psq_tvm.targets.pipeline import CompileContext, CompileOptions, Pipeline, _corrections, _guard_corrections
 
     wl = W.get_workload(args.workload)
     if args.items:
         S.subset_workload(wl, args.items)
     onnx_path = wl.onnx_path()
-    opts = CompileOptions(objective=args.objective, granularity=args.granularity, sensitivity=args.sensitivity,
+    opts = CompileOptions(objective=args.objective, granularity=args.granularity, rounding=args.rounding,
+                          sensitivity=args.sensitivity,
                           bias_correction=args.bias_correction, budget="reduction=4",
                           input_shapes={k: list(v) for k, v in wl.input_shapes.items()})
     ctx = CompileContext(str(onnx_path), opts, say=lambda m: S.log(m))
@@ -93,9 +94,9 @@ def run(args, save=None) -> dict:
         except BudgetError as e:
             S.log(f"{r}x: {e}")
             continue
-        res = quant_result(ctx.candidates, tiles, spec, choice, args.objective)
+        res = quant_result(ctx.candidates, tiles, spec, choice, args.objective, rounding=args.rounding)
         corr = _corrections(ctx, res)
-        w, b = ctx.weights_of(res, corr)
+        w, b = ctx.weights_of(res, _guard_corrections(ctx, res, corr))     # what the guard measures
         syn = ctx.probe().output_metrics(w, b)
         m = real([res.dequantized(li) for li in range(len(tiles.layers))], corr)
         row = {"reduction_budget": r, "crossbars": int(res.crossbars), "reduction": u16 / res.crossbars,
@@ -106,7 +107,7 @@ def run(args, save=None) -> dict:
         S.log(f"{r}x ({res.crossbars} xbars): synthetic SQNR {syn['sqnr_db']:.1f} dB (rtn8 "
               f"{ref_row['synthetic']['sqnr_db']:.1f}); real {wl.primary_metric} {m[wl.primary_metric]:.4f}"
               f"{' KL %.4f' % m['kl_mean'] if 'kl_mean' in m else ''}; ok={row['ok']}")
-    return {"workload": args.workload, "items": wl.num_items, "family": {"objective": args.objective, "granularity": args.granularity,
+    return {"workload": args.workload, "items": wl.num_items, "family": {"objective": args.objective, "granularity": args.granularity, "rounding": args.rounding,
                                                   "sensitivity": args.sensitivity,
                                                   "bias_correction": args.bias_correction},
             "synthetic_inputs": ctx.probe().source, "fidelity_samples": F.FIDELITY_SAMPLES, "float": float_m,
@@ -138,12 +139,14 @@ def main(argv=None) -> int:
     ap.add_argument("--granularity", default="column")
     ap.add_argument("--sensitivity", default="none")
     ap.add_argument("--bias-correction", default="bn")
+    ap.add_argument("--rounding", default="nearest", choices=("nearest", "balanced"))
     ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--items", type=int, default=None, help="deterministic subset of the evaluation set")
     ap.add_argument("--grid", default=None, help=f"comma list of reductions (default {','.join(map(str, GRID))})")
     args = ap.parse_args(argv)
-    fam = f"_{args.objective}-{args.granularity}-{args.sensitivity}-{args.bias_correction}"
+    fam = f"_{args.objective}-{args.granularity}-{args.sensitivity}-{args.bias_correction}" + \
+        ("" if args.rounding == "nearest" else f"-{args.rounding}")
     out = Path(args.out)
     if args.summary:
         summary(out, fam)

@@ -238,10 +238,18 @@ def onnx_with_weights(model, mapping, weights, bias_deltas=None):
     for (name, _), d in zip(mapping, bias_deltas or []):
         if d is None:
             continue
-        node = next((n for n in m.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1
+        node = next((n for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
                      and n.input[1] == name), None)
         if node is None:
-            raise RuntimeError(f"bias correction: no Conv/Gemm reads weight {name!r}")
+            raise RuntimeError(f"bias correction: no Conv/Gemm/MatMul reads weight {name!r}")
+        if node.op_type == "MatMul":                       # y = x @ W (+ d): an Add after it
+            bname, tmp = f"{name}__bias_correction", f"{node.output[0]}__before_bias_correction"
+            m.graph.initializer.append(numpy_helper.from_array(np.asarray(d, np.float32), bname))
+            out = node.output[0]
+            node.output[0] = tmp
+            idx = list(m.graph.node).index(node)
+            m.graph.node.insert(idx + 1, onnx.helper.make_node("Add", [tmp, bname], [out]))
+            continue
         if len(node.input) > 2 and node.input[2]:
             b = numpy_helper.to_array(by_name[node.input[2]])
             by_name[node.input[2]].CopyFrom(numpy_helper.from_array((b + d).astype(b.dtype), node.input[2]))
