@@ -43,10 +43,10 @@ def compile(model_or_path, target="pim-psq", **options):  # noqa: A001 (mirrors 
     return _compile(model_or_path, target, **options)
 
 
-def load(path):
+def load(path, expect_digest=None):
     """Load and validate a compiled package; see :func:`psq_tvm.api.load`."""
     from .api import load as _load
-    return _load(path)
+    return _load(path, expect_digest)
 
 
 def __getattr__(name):  # psq_tvm.passes, psq_tvm.targets, ... without importing TVM up front

@@ -41,9 +41,12 @@ def compile(model_or_path: Any, target: str = "pim-psq", *, output: str | os.Pat
     return pkg
 
 
-def load(path: str | os.PathLike) -> Package:
-    """Load and validate a package written by :func:`compile` or ``tvmc compile``."""
-    return _load(path)
+def load(path: str | os.PathLike, expect_digest: str | None = None) -> Package:
+    """Load and validate a package written by :func:`compile` or ``tvmc compile`` (nothing in it is executed).
+
+    ``expect_digest``: the sha256 (hex) of the whole .tar that compile printed; a package with another one
+    is refused with :class:`~psq_tvm.runtime.package.DigestMismatch`."""
+    return _load(path, expect_digest)
 
 
 __all__ = ["Package", "PackageError", "compile", "load"]

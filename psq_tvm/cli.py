@@ -43,12 +43,28 @@ _SPEC_HELP = {
 EXIT_CODES = {0: "success", 1: "error (one line 'tvmc: error: ...')", 2: "bad command line",
               3: "run --verify: the simulator does not match golden where the spec makes it exact",
               4: "run --verify --max-loss: the compiled model is further from float than allowed",
+              5: "run/report --expect-digest: the package's digest differs",
               130: "interrupted (Ctrl-C, SIGINT)", 141: "stdout closed early (e.g. `tvmc report pkg | head`)",
               143: "terminated (SIGTERM)"}
 
 
 class CLIError(Exception):
     pass
+
+
+EXIT_DIGEST = 5     # --expect-digest: the package is not the one expected
+
+
+def _digest_arg(v: str) -> str:
+    if len(v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in v):
+        raise argparse.ArgumentTypeError(f"{v!r} is not a sha256 digest (64 hex digits, as compile prints it)")
+    return v.lower()
+
+
+def _add_expect_digest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expect-digest", type=_digest_arg, metavar="HEX",
+                   help="refuse the package (exit code 5) unless the sha256 of the whole .tar is HEX, the digest "
+                   "`tvmc compile` printed (= `sha256sum PACKAGE`); checked before anything else is read")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,7 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common], help="run a compiled package on inputs from an .npz file",
                        description="Run a package. PIM layers execute in the chosen mode; host layers in the "
                        "package's llvm library.")
-    r.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
+    r.add_argument("PACKAGE", help="package .tar from `tvmc compile`. It contains native code (host_library.so) "
+                   "that run loads: run only packages from a trusted source (see --expect-digest)")
+    _add_expect_digest(r)
     r.add_argument("--inputs", metavar="IN.npz", help="inputs, one array per model input name (a single-input "
                    "model takes any one array; extra leading samples are run in compiled-batch chunks; an array "
                    "named 'labels' gives accuracy). Without it, seeded random inputs are used.")
@@ -204,7 +222,8 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", parents=[common],
                         help="per-layer tiles, bitwidths and crossbars vs. baselines of a package")
-    rp.add_argument("PACKAGE", help="package .tar from `tvmc compile`")
+    rp.add_argument("PACKAGE", help="package .tar from `tvmc compile` (report never loads its host library)")
+    _add_expect_digest(rp)
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
     rp.add_argument("--plot", metavar="FILE.png", help="draw bitwidths per layer/tile and crossbars per layer")
     rp.add_argument("--cost", metavar="FILE.json", help="recompute energy/latency/area from the package with these "
@@ -250,6 +269,7 @@ def cmd_compile(a) -> int:
             f"{c['uniform16']} ({rep['reduction_vs_uniform16']:.2f}x), uniform8 {c['uniform8']} "
             f"({rep['reduction_vs_uniform8']:.2f}x); avg bits {rep['avg_bits']:.2f}")
     say(f"wrote {a.output}")
+    print(f"sha256 {pkg.digest}  {a.output}")
     return 0
 
 
@@ -297,7 +317,7 @@ def cmd_run(a) -> int:
     say = _progress(a.quiet)
     if a.outputs:
         check_output_path(a.outputs, "--outputs")
-    pkg = load(a.PACKAGE)
+    pkg = load(a.PACKAGE, a.expect_digest)
     mode = a.mode or _default_mode()
     inputs, labels = _load_inputs(pkg, a.inputs)
     info = pkg.manifest["inputs"]
@@ -318,6 +338,11 @@ def cmd_run(a) -> int:
         write_with(a.outputs, lambda f: np.savez(f, **{f"output_{k}": o for k, o in enumerate(outs)}),
                    suffix=".npz.tmp", what="--outputs")
         say(f"wrote {a.outputs}")
+    for k, o in enumerate(outs):
+        bad = int(o.size - np.count_nonzero(np.isfinite(o))) if o.dtype.kind == "f" else 0
+        if bad:
+            print(f"tvmc: warning: output_{k} has {bad} NaN/Inf value(s): the weights or inputs exceed the float32 "
+                  "range in some layer; check the model's weights and the inputs' scale", file=sys.stderr)
     first = outs[0]
     if a.print_top:
         scores = first.reshape(first.shape[0], -1) if first.ndim > 1 else first[None]
@@ -366,18 +391,19 @@ def cmd_report(a) -> int:
 
     if a.plot:
         check_output_path(a.plot, "--plot")
-    pkg = load(a.PACKAGE)
+    pkg = load(a.PACKAGE, a.expect_digest)
     rep = pkg.report
     if a.cost and pkg.layers:
         from .core.cost import cost_from_manifest
 
         rep["cost"] = cost_from_manifest(pkg.manifest, a.cost)
     if a.json:
-        print(json.dumps(rep, indent=1, sort_keys=True))
+        print(json.dumps(dict(rep, package_sha256=pkg.digest), indent=1, sort_keys=True))
     else:
         print(f"package {a.PACKAGE}: model {pkg.manifest.get('model')}, target {pkg.manifest.get('target')}, "
               f"spec {pkg.spec.name} ({pkg.spec.rows}x{pkg.spec.cols}, {pkg.spec.cell_bits}-bit cells, "
               f"{pkg.spec.encoding})")
+        print(f"digest: sha256 {pkg.digest} (of the whole .tar; check with --expect-digest)")
         print(format_table(rep))
     if a.plot:
         fmt = os.path.splitext(a.plot)[1][1:].lower() or "png"
@@ -423,6 +449,8 @@ def _error_line(e: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .runtime.package import DigestMismatch
+
     parser = _parser()
     a = parser.parse_args(argv)
     if not a.command:
@@ -449,6 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141
+    except DigestMismatch as e:
+        if debug:
+            raise
+        print(f"tvmc: error: {_error_line(e)}", file=sys.stderr)
+        return EXIT_DIGEST
     except Exception as e:
         if _signals:                # interrupted inside TVM: it re-raised the KeyboardInterrupt as its own error
             return _interrupted_exit()

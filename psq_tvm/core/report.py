@@ -1,8 +1,8 @@
 """The compile report: per-layer tiles, bitwidths and crossbars vs. the uniform baselines.
 
 :func:`build_report` makes the JSON-able dict stored in the package (deterministic:
-measured times live in the package's ``timing.json`` and are merged in by
-:attr:`psq_tvm.package.Package.report`); :func:`format_table` prints it and
+measured times are not stored in the package; :attr:`psq_tvm.package.Package.report` merges
+them in right after a compile); :func:`format_table` prints it and
 :func:`plot` draws bitwidths per layer/tile and crossbars per layer.
 """
 
@@ -74,7 +74,9 @@ def format_table(rep: dict[str, Any]) -> str:
         lines.append(f"reduction: {rep['reduction_vs_uniform16']:.2f}x vs uniform16, "
                      f"{rep['reduction_vs_uniform8']:.2f}x vs uniform8; avg bits {rep['avg_bits']:.3f}; "
                      f"cell utilisation {rep.get('cell_utilization', 0):.1%}")
-    lines.append(f"PSQ search: {rep.get('search_seconds', 0.0):.3f} s ({rep.get('method')}, {rep.get('note', '')})")
+    secs = rep.get("search_seconds")
+    took = f"{secs:.3f} s" if isinstance(secs, (int, float)) else "time in compile's log"
+    lines.append(f"PSQ search: {took} ({rep.get('method')}, {rep.get('note', '')})")
     lines.append(f"PIM layers: {rep.get('n_pim_layers', 0)}   host layers: {rep.get('n_host_layers', 0)}")
     for h in rep.get("host_layers", []):
         lines.append(f"  host: {h['name']} ({h['op']}): {h['reason']}")

@@ -97,5 +97,6 @@ def weight_bias_correction(lay: Layer, deq: np.ndarray, channel_mean: np.ndarray
     """:func:`bias_correction` for any fake-quantised weight ``deq`` of ``lay`` (the layer's own shape)."""
     rows = row_statistic(lay, channel_mean)
     dq_mats = unroll(deq, lay.kind, lay.groups)
-    return -np.concatenate([r @ (q.astype(np.float64) - m.astype(np.float64))
-                            for r, q, m in zip(rows, dq_mats, lay.matrices)]).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):   # a model beyond float range: the fidelity stage refuses it
+        return -np.concatenate([r @ (q.astype(np.float64) - m.astype(np.float64))
+                                for r, q, m in zip(rows, dq_mats, lay.matrices)]).astype(np.float32)

@@ -59,10 +59,12 @@ def conv2d_matrices(x: np.ndarray, layer: dict, matrices: list[np.ndarray], bias
     outs = []
     for gi in range(g):
         a = cols[:, :, :, gi * cin_g:(gi + 1) * cin_g].reshape(n * ho * wo, cin_g * kh * kw)
-        outs.append(a.astype(matrices[gi].dtype, copy=False) @ matrices[gi])
+        with np.errstate(over="ignore", invalid="ignore"):    # beyond float range: inf, reported by the caller
+            outs.append(a.astype(matrices[gi].dtype, copy=False) @ matrices[gi])
     y = np.concatenate(outs, axis=1).reshape(n, ho, wo, cout).transpose(0, 3, 1, 2)
     if bias is not None:
-        y = y + bias.reshape(1, -1, 1, 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = y + bias.reshape(1, -1, 1, 1)
     return y
 
 
@@ -71,9 +73,10 @@ def dense_matrix(x: np.ndarray, layer: dict, matrix: np.ndarray, bias: np.ndarra
     left = layer.get("operand") == "left"
     if left and x.ndim >= 2:
         x = np.swapaxes(x, -1, -2)
-    y = x.astype(matrix.dtype, copy=False) @ matrix
-    if bias is not None:
-        y = y + bias
+    with np.errstate(over="ignore", invalid="ignore"):        # beyond float range: inf, reported by the caller
+        y = x.astype(matrix.dtype, copy=False) @ matrix
+        if bias is not None:
+            y = y + bias
     if left and y.ndim >= 2:
         y = np.swapaxes(y, -1, -2)
     return y
@@ -180,6 +183,10 @@ class Session:
         return self._mats[key]
 
     def run_layer(self, layer_id: str, x: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):      # values beyond float32: inf/NaN in the output
+            return self._run_layer(layer_id, x)
+
+    def _run_layer(self, layer_id: str, x: np.ndarray) -> np.ndarray:
         layer = self.layers[str(layer_id)]
         bias = self.bias(layer)
         if self.mode in ("sim", "golden"):

@@ -135,6 +135,12 @@ class FidelityProbe:
         self.layer_io: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for k, feeds in enumerate(self.feeds_list):
             outs, trace = model.run(feeds, "float", trace=True)
+            bad = next((self.layers[lid]["name"] for lid, _, y in trace if not np.isfinite(y).all()), None)
+            if bad or not all(np.isfinite(o).all() for o in outs if o.dtype.kind == "f"):
+                raise FidelityError(f"the float model's output has NaN/Inf values on {source}"
+                                    + (f" (first in PIM layer {bad!r})" if bad else "")
+                                    + ": a weight or an intermediate value exceeds the float32 range; check the "
+                                    "model's weights")
             self.reference.extend(outs)
             if k < LAYER_SAMPLES:
                 for lid, x, y in trace:

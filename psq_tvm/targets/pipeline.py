@@ -515,7 +515,7 @@ def stage_package(ctx: CompileContext) -> None:
         pkg.members()  # fill in the blob table first
         pkg.extras["pim_psq_tables.h"] = c_header(pkg.manifest, blobs["crossbars"]).encode()
     ctx.package = pkg
-    ctx.say(f"done in {ctx.timing['compile_seconds']:.2f} s")
+    ctx.say(f"done in {ctx.timing['compile_seconds']:.2f} s (PSQ search {ctx.timing['search_seconds']:.3f} s)")
 
 
 # ------------------------------------------------------------------------------------------ pipeline
