@@ -31,6 +31,8 @@ _SPEC_HELP = {
     "dac_bits": "input bits applied per cycle (bit-serial inputs)",
     "act_bits": "activation precision in bits",
     "adc_bits": "ADC resolution in bits, or 'none' for lossless",
+    "adc_range": "full scale of a lossy ADC: calibrated (per crossbar, from the bitline sums on data-free inputs; "
+                 "the default) or worst (the worst-case sum, never clips)",
     "weight_bits": "candidate weight bitwidths the search may choose, e.g. '2-8' or '2,4,8'",
     "baseline_bits": "uniform bitwidth of the design's own baseline",
 }
@@ -119,9 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                    "the search only with --psq-sensitivity/--psq-bias-correction calib")
     c.add_argument("--psq-bits", metavar="BITS", help="candidate bitwidths for the search, e.g. '2-8' (default: "
                    "the spec's weight_bits)")
-    c.add_argument("--emit-c-header", nargs="?", const=True, default=False, metavar="PATH",
-                   help="add the tables as a C header (pim_psq_tables.h) to the package, and write it to PATH "
-                   "if given")
+    c.add_argument("--emit-c-header", nargs="?", const=True, default=False, metavar="PATH.h",
+                   help="write the tables for a C driver next to the package: PATH.h (declarations), PATH.c "
+                   "(the tables) and, for large models, PATH_cells.bin (the cell levels); default PATH: the "
+                   "package's path without .tar (docs/package_format.md, 'C output')")
     c.add_argument("--no-float-weights", action="store_true",
                    help="do not store the original float weights (then `tvmc run --mode float` is unavailable)")
     c.add_argument("--no-fold-batchnorm", action="store_true",
@@ -189,15 +192,15 @@ def cmd_compile(a) -> int:
                       objective=a.psq_objective, granularity=a.psq_granularity, sensitivity=a.psq_sensitivity,
                       bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance,
                       bits=a.psq_bits, min_fidelity=a.psq_min_fidelity, calib_inputs=calib,
-                      emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
+                      float_weights=not a.no_float_weights,
                       fold_batchnorm=not a.no_fold_batchnorm, progress=say,
                       warn=lambda msg: print(f"tvmc: {msg}", file=sys.stderr, flush=True), **overrides)
     pkg.save(a.output)
-    if isinstance(a.emit_c_header, str):
-        tmp = a.emit_c_header + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(pkg.extras["pim_psq_tables.h"])
-        os.replace(tmp, a.emit_c_header)
+    if a.emit_c_header:
+        from .targets.c_header import write_c_output
+        base = a.output[:-4] if a.output.endswith(".tar") else a.output
+        for p in write_c_output(pkg, a.emit_c_header if isinstance(a.emit_c_header, str) else base + ".h"):
+            say(f"wrote {p}")
     rep = pkg.report
     if a.target == "pim-psq" and rep.get("reduction_vs_uniform16") is not None:
         c = rep["crossbars"]

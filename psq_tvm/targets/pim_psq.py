@@ -25,7 +25,7 @@ def _convert(field: str, value: Any) -> Any:
     if field == "adc_bits":
         if value is None or str(value).lower() in ("none", "lossless", "0"):
             return None
-    if field == "encoding":
+    if field in ("encoding", "adc_range"):
         return str(value)
     try:
         return int(value)
