@@ -187,6 +187,9 @@ def cmd_compile(a) -> int:
         say("note: --target llvm ignores the crossbar and PSQ options")
     if not a.output:
         raise CLIError("-o/--output must name the package file")
+    if isinstance(a.emit_c_header, str) and not a.emit_c_header.endswith(".h"):
+        raise CLIError(f"--emit-c-header {a.emit_c_header}: name the header, PATH.h (PATH.c and, for large models, "
+                       "PATH_cells.bin are written next to it)")
     calib = _read_npz(a.calib_inputs, "--calib-inputs")[0] if a.calib_inputs else None
     pkg = psq_compile(a.FILE, a.target, input_shapes=a.input_shapes, preset=a.target_pim_psq_preset,
                       objective=a.psq_objective, granularity=a.psq_granularity, sensitivity=a.psq_sensitivity,

@@ -17,7 +17,7 @@ minimising the expected squared read error, clipping plus rounding (:mod:`psq_tv
 
 Then, for every spec whose ADC is not lossless (``worst`` ranges too), the quantised model runs in the
 ``sim`` and ``golden`` modes on the fidelity guard's inputs; the report's ``adc`` section gives the
-simulator's output SQNR against golden, and compile warns when it is under the fidelity threshold.
+simulator's output SQNR against golden, and compile warns when it is under :data:`ADC_MIN_SQNR_DB`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ CALIBRATION_SAMPLES = 8
 CALIBRATION_ROWS = 2048
 #: one full scale per crossbar read ("crossbar", the designs' shared ADC) or per bitline ("column")
 GRANULARITY = "crossbar"
+#: compile warns when the simulator's output SQNR against golden (synthetic inputs) is under this.  Evidence
+#: (docs/results/adc.md, prime 6-bit ADC): worst-case ranges measure 0 dB and lose 60 pt of accuracy on MNIST
+#: digits; calibrated ranges measure 12 dB on MNIST (-0.7 pt on the real digits) and 14 dB on Fashion.  The
+#: synthetic inputs are harsher than real data, so the bar flags a broken ADC, not every loss.
+ADC_MIN_SQNR_DB = 10.0
 #: items of the fidelity guard's inputs run through the simulator and golden to measure the ADC's cost
 CHECK_SAMPLES = 4
 
@@ -141,9 +146,9 @@ def stage_adc_calibration(ctx) -> None:
         golden.extend(model.run(feed, "golden"))
         sim.extend(model.run(feed, "sim"))
     m = F.output_metrics(golden, sim)
-    thr = ctx.threshold()
     section.update({"check_inputs": f"{sum(len(f[0]) for f in feeds)} of the fidelity guard's inputs",
-                    "sim_vs_golden": m, "threshold": thr, "meets_threshold": bool(m["sqnr_db"] >= thr["sqnr_db"])})
+                    "sim_vs_golden": m, "min_sqnr_db": ADC_MIN_SQNR_DB,
+                    "meets_threshold": bool(m["sqnr_db"] >= ADC_MIN_SQNR_DB)})
     ctx.adc = section
     ctx.timing["adc_seconds"] = time.perf_counter() - t0
     ctx.say(f"ADC ({spec.adc_bits} bits, {spec.adc_range} full scale): simulator vs golden output SQNR "
@@ -154,7 +159,7 @@ def stage_adc_calibration(ctx) -> None:
                 "use --target-pim-psq-adc-range calibrated or more --target-pim-psq-adc-bits")
         ctx.warn(f"warning: the {spec.adc_bits}-bit ADC ({spec.adc_range} full scale) makes the simulated model far "
                  f"from golden on {section['check_inputs']}: output SQNR {m['sqnr_db']:.1f} dB{extra} < "
-                 f"{thr['sqnr_db']:.1f} dB (the fidelity threshold); {hint}")
+                 f"{ADC_MIN_SQNR_DB:g} dB; {hint}; check with `tvmc run --verify` on real inputs")
 
 
 def _fractions(spec, layers: list[dict]) -> dict[str, float]:
