@@ -158,7 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     sim = r.add_argument_group("simulator options (mode sim; device non-idealities are off by default, seeded)")
     sim.add_argument("--sim-act-bits", type=int, metavar="N", help="activation bits (default: the spec's act_bits)")
     sim.add_argument("--sim-adc-full-scale", type=float, metavar="V",
-                     help="ADC full scale in bitline-sum units (default: the worst-case peak)")
+                     help="one ADC full scale for every read, in bitline-sum units (default: each crossbar's calibrated "
+                     "full scale stored in the package, else the worst-case peak)")
     sim.add_argument("--sim-force-bitserial", action="store_true",
                      help="always run the bit-serial per-cycle path (default: exact matmul path when the ADC is lossless)")
     sim.add_argument("--sim-conductance-sigma", type=float, metavar="S",

@@ -213,7 +213,7 @@ def test_stage_stores_full_scales_and_reports(compiled):
     assert rep["sim_vs_golden"]["sqnr_db"] > wrep["sim_vs_golden"]["sqnr_db"] + 6
     assert not wrep["meets_threshold"] and any("far from golden" in w and "adc-range calibrated" in w
                                                for w in worst_warn)
-    assert bool(warnings) == (not rep["meets_threshold"])
+    assert any("far from golden" in w for w in warnings) == (not rep["meets_threshold"])
     # the saved package's simulator reads the stored full scales: removing them changes its outputs
     back = psq_tvm.load(path)
     x = np.random.default_rng(0).standard_normal(back.manifest["inputs"][0]["shape"]).astype(np.float32)
