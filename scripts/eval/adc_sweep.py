@@ -2,7 +2,7 @@
 """What the ADC costs: full-simulator accuracy against ADC bits, one workload, one preset.
 
     .venv/bin/python scripts/eval/adc_sweep.py [mnist_digits] [--preset prime] [--adc 6,8,10,12,none]
-                                               [--ranges worst,calibrated]
+                                               [--ranges worst,calibrated] [--items N]
 
 Compiles the workload once per ADC width and ADC range (default objective and budget; the ADC does
 not change the search), runs the whole evaluation set through the crossbar simulator (``mode="sim"``)
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="prime")
     ap.add_argument("--adc", default="6,8,10,12,none", help="comma list of ADC bits; 'none' = lossless")
     ap.add_argument("--ranges", default="worst,calibrated", help="comma list of ADC ranges (worst, calibrated)")
+    ap.add_argument("--items", type=int, help="only the first N items of the evaluation set (default: all)")
     ap.add_argument("--out", default=str(W.REPO_ROOT / "docs" / "results"))
     args = ap.parse_args(argv)
 
@@ -44,8 +45,9 @@ def main(argv=None) -> int:
     wl = W.get_workload(args.workload)
     if len(wl.input_names) != 1 or wl.labels is None:
         raise SystemExit(f"adc_sweep: {args.workload} is not a single-input labelled workload")
-    X = np.concatenate([wl.feed(x)[wl.input_name] for x, _ in wl.batches()])[: wl.num_items]
-    y = wl.labels
+    n = wl.num_items if args.items is None else min(args.items, wl.num_items)
+    X = np.concatenate([wl.feed(x)[wl.input_name] for x, _ in wl.batches()])[:n]
+    y = np.asarray(wl.labels)[:n]
     rows = []
     golden = None
     for a in args.adc.split(","):
