@@ -36,12 +36,25 @@ def test_calibrated_full_scale_near_the_brute_force_optimum(seed, bits):
     v = np.minimum(rng.gamma(2.0, rng.uniform(20, 200), size=20000).astype(int), peak)
     hist = np.bincount(v, minlength=peak + 1).astype(float) * rng.uniform(0.5, 2.0)
     top = 2 ** bits - 1
-    fs = calibrated_full_scale(hist, bits, peak)
+    fs = calibrated_full_scale(hist, bits, peak, rule="mse")
     assert top <= fs <= peak
     brute = min(read_error(hist, f, bits) for f in np.arange(top, peak + 1, 0.5))
     assert read_error(hist, fs, bits) <= 1.02 * brute
     # far better than the worst case on sums that are a small fraction of it
     assert read_error(hist, fs, bits) < 0.5 * read_error(hist, peak, bits)
+
+
+def test_max_rule_is_the_largest_sum_seen():
+    """The default rule: the largest sum with nonzero weight, within [2**n - 1, peak]."""
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        v = rng.integers(0, rng.integers(1, 3000), size=rng.integers(1, 50))
+        hist = np.zeros(4000)
+        np.add.at(hist, v, rng.uniform(0.1, 4.0, size=v.size))
+        want = min(max(int(v.max()), 63), 2000)
+        assert calibrated_full_scale(hist, 6, 2000) == want
+    with pytest.raises(ValueError, match="rule"):
+        calibrated_full_scale(np.ones(3), 6, 100, rule="p99")
 
 
 def test_calibrated_full_scale_edge_cases():

@@ -12,8 +12,9 @@ How: the float model runs on the compile's data-free inputs (the same seeded syn
 ``synthetic`` input statistics, or the ``--calib-inputs``); every PIM layer's traced input is quantised as
 the simulator does at run time, cut into input bit planes and read against the stored cell levels, and
 the sums of every crossbar read are collected per (tile, slice, polarity) as a histogram weighted by
-``4**(j dac_bits)`` (the weight of input cycle ``j`` after the shift-and-add).  The full scale is the one
-minimising the expected squared read error, clipping plus rounding (:mod:`psq_tvm.core.adc_range`).
+``4**(j dac_bits)`` (the weight of input cycle ``j`` after the shift-and-add).  The full scale is the
+largest sum seen (:mod:`psq_tvm.core.adc_range`, rule ``max``): the rule that minimises the squared read
+error on these inputs clips real data the synthetic inputs do not resemble (docs/results/adc.md).
 
 Then, for every spec whose ADC is not lossless (``worst`` ranges too), the quantised model runs in the
 ``sim`` and ``golden`` modes on the fidelity guard's inputs; the report's ``adc`` section gives the
