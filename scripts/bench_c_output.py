@@ -31,14 +31,15 @@ MAIN_C = ('#include <stdio.h>\n#include "{name}.h"\nunsigned long f1(void);\n'
 
 
 def gcc(args, cwd) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one gcc run (its own rusage, which covers the cc1 it waits for)."""
+    """Wall seconds and peak RSS (MB, from ``/usr/bin/time -f %M``: gcc and the cc1 it waits for; NaN
+    without /usr/bin/time) of one gcc run."""
+    timer = ["/usr/bin/time", "-f", "%M"] if os.path.exists("/usr/bin/time") else []
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["gcc", *args], cwd=cwd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"gcc {' '.join(args)} failed ({proc.returncode})")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    r = subprocess.run([*timer, "gcc", *args], cwd=cwd, capture_output=True, text=True)
+    s = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(f"gcc {' '.join(args)} failed:\n{r.stderr}")
+    return s, (int(r.stderr.strip().splitlines()[-1]) / 1024 if timer else float("nan"))
 
 
 def main(argv=None) -> int:

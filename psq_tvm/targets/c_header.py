@@ -3,7 +3,7 @@
 Two files (:func:`c_sources`): ``<name>.h`` holds only macros, types and ``extern const`` declarations, so any
 number of translation units can include it; ``<name>.c`` holds the one definition of every table.  The cell
 levels, by far the largest table, are in the ``.c`` file while they are at most :data:`CELLS_IN_SOURCE_MAX`
-bytes; above that (ResNet-50: 51.5 MB; as a C initialiser gcc needs about 6 s per MiB) they stay
+bytes; above that (ResNet-50: 51.5 MB; as a C initialiser gcc needs 4-9 s per MiB) they stay
 a binary blob, ``<name>_cells.bin`` -- exactly the package's ``crossbars.bin``: raw ``uint8
 [crossbars][rows][cols]`` -- that the driver loads, and the header gives its size and sha256.
 
@@ -26,8 +26,8 @@ import numpy as np
 
 #: version of the C layout below (1: the former single ``static const`` header)
 C_FORMAT_VERSION = 2
-#: cell tables up to this many bytes go into the .c file; larger ones stay a binary blob (gcc -c took 6.5 s per MiB
-#: of cells in the source on the loaded 2-core VM, 0.5 GB; scripts/bench_c_output.py)
+#: cell tables up to this many bytes go into the .c file; larger ones stay a binary blob (gcc -c took 4-9 s per MiB
+#: of cells in the source on the loaded 2-core VM; scripts/bench_c_output.py)
 CELLS_IN_SOURCE_MAX = 1 << 20
 #: "none" in uint32 index fields (no bias, no bias correction, no calibrated ADC full scale)
 NONE = 0xFFFFFFFF
