@@ -34,6 +34,8 @@ _SPEC_HELP = {
     "dac_bits": "input bits applied per cycle (bit-serial inputs)",
     "act_bits": "activation precision in bits",
     "adc_bits": "ADC resolution in bits, or 'none' for lossless",
+    "adc_range": "full scale of a lossy ADC: calibrated (per crossbar, from the bitline sums on data-free inputs; "
+                 "the default) or worst (the worst-case sum, never clips)",
     "weight_bits": "candidate weight bitwidths the search may choose, e.g. '2-8' or '2,4,8'",
     "baseline_bits": "uniform bitwidth of the design's own baseline",
 }
@@ -171,9 +173,10 @@ def _parser() -> argparse.ArgumentParser:
                    "the search only with --psq-sensitivity/--psq-bias-correction calib")
     c.add_argument("--psq-bits", metavar="BITS", help="candidate bitwidths for the search, e.g. '2-8' (default: "
                    "the spec's weight_bits)")
-    c.add_argument("--emit-c-header", nargs="?", const=True, default=False, metavar="PATH",
-                   help="add the tables as a C header (pim_psq_tables.h) to the package, and write it to PATH "
-                   "if given")
+    c.add_argument("--emit-c-header", nargs="?", const=True, default=False, metavar="PATH.h",
+                   help="write the tables for a C driver next to the package: PATH.h (declarations), PATH.c "
+                   "(the tables) and, for large models, PATH_cells.bin (the cell levels); default PATH: the "
+                   "package's path without .tar (docs/package_format.md, 'C output')")
     c.add_argument("--no-float-weights", action="store_true",
                    help="do not store the original float weights (then `tvmc run --mode float` is unavailable)")
     c.add_argument("--no-fold-batchnorm", action="store_true",
@@ -209,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     sim = r.add_argument_group("simulator options (mode sim; device non-idealities are off by default, seeded)")
     sim.add_argument("--sim-act-bits", type=int, metavar="N", help="activation bits (default: the spec's act_bits)")
     sim.add_argument("--sim-adc-full-scale", type=float, metavar="V",
-                     help="ADC full scale in bitline-sum units (default: the worst-case peak)")
+                     help="one ADC full scale for every read, in bitline-sum units (default: each crossbar's calibrated "
+                     "full scale stored in the package, else the worst-case peak)")
     sim.add_argument("--sim-force-bitserial", action="store_true",
                      help="always run the bit-serial per-cycle path (default: exact matmul path when the ADC is lossless)")
     sim.add_argument("--sim-conductance-sigma", type=float, metavar="S",
@@ -234,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ compile
 def cmd_compile(a) -> int:
     from .api import compile as psq_compile
-    from .runtime.files import check_output_path, write_bytes
+    from .runtime.files import check_output_path
     from .targets.pim_psq import SPEC_OPTIONS
     from .targets.pipeline import require_c_compiler
 
@@ -245,6 +249,9 @@ def cmd_compile(a) -> int:
     if not a.output:
         raise CLIError("-o/--output must name the package file")
     check_output_path(a.output, "-o/--output")        # before the compile, not after it
+    if isinstance(a.emit_c_header, str) and not a.emit_c_header.endswith(".h"):
+        raise CLIError(f"--emit-c-header {a.emit_c_header}: name the header, PATH.h (PATH.c and, for large models, "
+                       "PATH_cells.bin are written next to it)")
     if isinstance(a.emit_c_header, str):
         check_output_path(a.emit_c_header, "--emit-c-header")
     if not os.path.exists(a.FILE):
@@ -256,12 +263,15 @@ def cmd_compile(a) -> int:
                       sensitivity=a.psq_sensitivity,
                       bias_correction=a.psq_bias_correction, budget=a.psq_budget, tolerance=a.psq_tolerance,
                       bits=a.psq_bits, min_fidelity=a.psq_min_fidelity, calib_inputs=calib,
-                      emit_c_header=bool(a.emit_c_header), float_weights=not a.no_float_weights,
+                      float_weights=not a.no_float_weights,
                       fold_batchnorm=not a.no_fold_batchnorm, cost=a.target_pim_psq_cost, progress=say,
                       warn=lambda msg: print(f"tvmc: {msg}", file=sys.stderr, flush=True), **overrides)
     pkg.save(a.output)
-    if isinstance(a.emit_c_header, str):
-        write_bytes(a.emit_c_header, pkg.extras["pim_psq_tables.h"], "--emit-c-header")
+    if a.emit_c_header:
+        from .targets.c_header import write_c_output
+        base = a.output[:-4] if a.output.endswith(".tar") else a.output
+        for p in write_c_output(pkg, a.emit_c_header if isinstance(a.emit_c_header, str) else base + ".h"):
+            say(f"wrote {p}")
     rep = pkg.report
     if a.target == "pim-psq" and rep.get("reduction_vs_uniform16") is not None:
         c = rep["crossbars"]

@@ -165,10 +165,12 @@ def test_atomic_write_leaves_nothing_on_failure(built, tmp_path, monkeypatch):
 
 def test_c_header(built):
     pkg, path = built
-    h = load(path).extras["pim_psq_tables.h"].decode()
-    assert "#define PIM_PSQ_ROWS 32" in h and "pim_psq_tiles[" in h and "pim_psq_cells[" in h
+    src = pkg.c_sources                               # emit_c_header=True: in memory, not a package member
+    h, c = src["pim_psq_tables.h"].decode(), src["pim_psq_tables.c"].decode()
+    assert "#define PIM_PSQ_ROWS 32u" in h and "extern const pim_psq_tile_t pim_psq_tiles[" in h
+    assert "pim_psq_cells[" in c and "pim_psq_tables.h" not in load(path).extras
     n_tiles = sum(len(l["tiles"]) for l in pkg.layers)
-    assert f"#define PIM_PSQ_N_TILES {n_tiles}" in h
+    assert f"#define PIM_PSQ_N_TILES {n_tiles}u" in h
 
 
 def test_per_column_scales_roundtrip_and_sim_exact(tmp_path):

@@ -14,6 +14,9 @@ import math
 from typing import Any, Mapping
 
 ENCODINGS = ("offset", "differential")
+#: how an ADC's full scale is set: the worst-case bitline sum, or calibrated at compile time from the sums that
+#: occur on data-free inputs (psq_tvm.core.adc_range); only matters when the ADC is not lossless
+ADC_RANGES = ("worst", "calibrated")
 MIN_BITS = 2
 MAX_BITS = 16
 
@@ -36,6 +39,9 @@ class CrossbarSpec:
     adc_bits     -- ADC resolution; ``None`` means lossless
     weight_bits  -- candidate weight bitwidths the search may choose from
     baseline_bits -- the uniform bitwidth of the design's own baseline
+    adc_range    -- how each ADC's full scale is set when the ADC is lossy: "calibrated" (default: per
+                    crossbar, from the bitline sums that occur on data-free inputs, stored in the package)
+                    or "worst" (the worst-case sum ``rows (2**dac-1)(2**cell-1)``, never clips)
     """
 
     rows: int = 128
@@ -48,6 +54,7 @@ class CrossbarSpec:
     weight_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     baseline_bits: int = 16
     name: str = "custom"
+    adc_range: str = "calibrated"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight_bits", tuple(sorted(set(int(b) for b in self.weight_bits))))
@@ -72,6 +79,8 @@ class CrossbarSpec:
             raise SpecError(f"crossbar spec {self.name!r}: act_bits must be 1..16, got {self.act_bits}")
         if self.adc_bits is not None and (not isinstance(self.adc_bits, int) or not 1 <= self.adc_bits <= 32):
             raise SpecError(f"crossbar spec {self.name!r}: adc_bits must be 1..32 or None (lossless), got {self.adc_bits!r}")
+        if self.adc_range not in ADC_RANGES:
+            raise SpecError(f"crossbar spec {self.name!r}: adc_range must be one of {ADC_RANGES}, got {self.adc_range!r}")
         if not self.weight_bits:
             raise SpecError(f"crossbar spec {self.name!r}: weight_bits must name at least one bitwidth")
         for b in self.weight_bits + (self.baseline_bits,):

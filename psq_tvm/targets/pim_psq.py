@@ -28,7 +28,7 @@ def _convert(field: str, value: Any) -> Any:
         if str(value).strip() == "0":
             raise SpecError("--target-pim-psq-adc-bits 0: an ADC needs at least 1 bit; give 1..32, or 'none' "
                             "for a lossless ADC")
-    if field == "encoding":
+    if field in ("encoding", "adc_range"):
         return str(value)
     try:
         return int(value)

@@ -13,6 +13,8 @@ fields of the context (its docstring says which):
 ``allocate``        bitwidths under the budget (``auto``: fewest crossbars meeting the fidelity): ``result``
 ``bias_correction`` DFQ bias corrections from the input means: ``bias_corrections``
 ``fidelity``        the quantised model against float on data-free inputs: ``fidelity`` (+ a warning)
+``adc_calibration`` a lossy ADC: each crossbar's full scale from the bitline sums on data-free inputs
+                    (``spec.adc_range``), simulator vs golden: ``adc_full_scales``, ``adc`` (+ a warning)
 ``cost``            energy, latency, area of PSQ and uniform 16/8 (:mod:`psq_tvm.core.cost`): ``cost``
 ``package``         crossbar tables, manifest, report; the :class:`~psq_tvm.runtime.Package`, once
 ==================  =====================================================================
@@ -52,6 +54,7 @@ from ..core.tables import crossbar_cells
 from ..core.tiling import Layer, ModelTiles, unroll
 from ..runtime.package import FORMAT, VERSION, Package
 from . import fidelity as F
+from .adc_calibration import stage_adc_calibration
 from .input_stats import (batchnorm_layer_stats, bias_corrections, float_input_stats,
                           synthetic_feeds, synthetic_input_stats)
 from .tag import TAG, register_tag
@@ -105,7 +108,7 @@ class CompileOptions:
     calib_inputs: Mapping[str, np.ndarray] | None = None
     """A few real (unlabelled) inputs, ``{input name: array [n, ...]}``: the guard measures on them."""
     emit_c_header: bool = False
-    """Add ``pim_psq_tables.h`` to the package."""
+    """Build the C output (``package.c_sources``: ``pim_psq_tables.h``/``.c``, :mod:`psq_tvm.targets.c_header`)."""
     float_weights: bool = True
     """Keep the original float weights in the package (``tvmc run --mode float``, ``--verify``)."""
     fold_batchnorm: bool = True
@@ -168,6 +171,8 @@ class CompileContext:
     bias_corrections: list | None = None
     fidelity: dict | None = None
     cost: dict | None = None            # cost: energy/latency/area of PSQ and uniform 16/8 (the report's section)
+    adc_full_scales: list | None = None  # adc_calibration: per layer {tile id: [slices][polarities] full scale}
+    adc: dict | None = None              # adc_calibration: the report's "adc" section
     package: Package | None = None
     timing: dict = dataclasses.field(default_factory=dict)
     _float_model: Package | None = None
@@ -200,6 +205,10 @@ class CompileContext:
                 e["bias_correction"] = f"bias_correction_{rec['id']}"
             if self.result is not None:
                 e["tiles"] = tile_entries(self.result, li)
+                if self.adc_full_scales is not None:
+                    for t in e["tiles"]:
+                        if t["id"] in self.adc_full_scales[li]:
+                            t["adc_full_scale"] = self.adc_full_scales[li][t["id"]]
             out.append(e)
         return out
 
@@ -492,6 +501,8 @@ def stage_package(ctx: CompileContext) -> None:
         report["fidelity"] = ctx.fidelity
     if pim and ctx.cost is not None:
         report["cost"] = ctx.cost
+    if ctx.adc is not None:
+        report["adc"] = ctx.adc
     manifest = {
         "format": FORMAT, "version": VERSION, "target": o.target, "model": ctx.model_name,
         "producer": {"psq_tvm": __version__, "tvm": tvm.__version__},
@@ -510,10 +521,9 @@ def stage_package(ctx: CompileContext) -> None:
     pkg = Package(manifest, blobs, ctx.host_library, timing=dict(ctx.timing))
     pkg.quant_result = ctx.result               # in memory only: the search result behind the tables
     pkg.bn_stats = ctx.info.get("bn_stats")     # in memory only: BatchNorm input statistics of the ONNX model
-    if o.emit_c_header:
-        from .c_header import c_header
-        pkg.members()  # fill in the blob table first
-        pkg.extras["pim_psq_tables.h"] = c_header(pkg.manifest, blobs["crossbars"]).encode()
+    if o.emit_c_header:                         # in memory: the C files carry the package digest, so they
+        from .c_header import package_c_sources   # are written next to the package, not into it
+        pkg.c_sources = package_c_sources(pkg)
     ctx.package = pkg
     ctx.say(f"done in {ctx.timing['compile_seconds']:.2f} s (PSQ search {ctx.timing['search_seconds']:.3f} s)")
 
@@ -525,7 +535,7 @@ STAGES: tuple[Stage, ...] = (
     ("import", stage_import), ("partition", stage_partition), ("lower", stage_lower),
     ("build_host", stage_build_host), ("input_stats", stage_input_stats), ("candidates", stage_candidates),
     ("allocate", stage_allocate), ("bias_correction", stage_bias_correction), ("fidelity", stage_fidelity),
-    ("cost", stage_cost), ("package", stage_package),
+    ("adc_calibration", stage_adc_calibration), ("cost", stage_cost), ("package", stage_package),
 )
 #: the stages of a plain llvm build
 LLVM_STAGES = ("import", "build_host", "package")

@@ -3,8 +3,10 @@
 With ``n = spec.adc_bits``, ``d = spec.dac_bits``, ``c = spec.cell_bits`` and the lossless peak
 ``peak = nrows (2**d-1)(2**c-1)``, the ADC is *lossless* (``code = v``) when ``n`` is None or
 ``2**n - 1 >= peak`` and no full scale is forced (and ``adc_offset`` is 0); otherwise
-``delta = FS / (2**n - 1)`` (``FS = options.adc_full_scale`` or ``peak``) and
-``code = clip(rint(v / delta + adc_offset), 0, 2**n - 1)``; the read is worth ``delta * code``.
+``delta = FS / (2**n - 1)`` and ``code = clip(rint(v / delta + adc_offset), 0, 2**n - 1)``; the read is
+worth ``delta * code``.  ``FS`` is, in this order: ``options.adc_full_scale`` (one value forced for every
+read), the tile's calibrated ``adc_full_scale`` (one value per crossbar the tile occupies, chosen at
+compile time from the sums that occur, :mod:`psq_tvm.core.adc_range`), or ``peak`` (worst case).
 Lossless-ness is decided per row strip, so a short ragged strip can be lossless while full ones are not.
 """
 
@@ -16,9 +18,13 @@ from ...core.crossbar import CrossbarSpec
 from .options import SimOptions
 
 
-def adc(spec: CrossbarSpec, nrows: int, opts: SimOptions) -> tuple[bool, float, int | None]:
+def adc(spec: CrossbarSpec, nrows: int, opts: SimOptions, full_scale: np.ndarray | None = None
+        ) -> tuple[bool, float | np.ndarray, int | None]:
     """(identity, delta, top) of the ADC reading a strip of ``nrows`` rows: whether it is lossless, its
-    step in bitline-sum units and its largest code (None: no ADC, ``spec.adc_bits`` is None)."""
+    step in bitline-sum units and its largest code (None: no ADC, ``spec.adc_bits`` is None).
+
+    ``full_scale``: the strip's calibrated full scales, one per bit-serial column (NaN: none stored for
+    that column, the worst case applies); ``delta`` is then an array over those columns."""
     n = spec.adc_bits
     if n is None:
         return opts.adc_offset == 0, 1.0, None
@@ -26,6 +32,9 @@ def adc(spec: CrossbarSpec, nrows: int, opts: SimOptions) -> tuple[bool, float, 
     peak = nrows * ((1 << spec.dac_bits) - 1) * ((1 << spec.cell_bits) - 1)
     if opts.adc_full_scale is not None:
         return False, float(opts.adc_full_scale) / top, top
+    if full_scale is not None:
+        fs = np.where(np.isnan(full_scale), float(peak), full_scale)
+        return False, fs / top, top
     if top >= peak:
         return opts.adc_offset == 0, 1.0, top
     return False, peak / top, top

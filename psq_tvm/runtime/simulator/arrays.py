@@ -120,14 +120,15 @@ def bitserial_strip(st: Strip, G: np.ndarray, xs: np.ndarray, o_x: int, a: int, 
     d, c, P = spec.dac_bits, spec.cell_bits, spec.polarities
     J = -(-a // d)
     dmax = (1 << d) - 1
-    identity, delta, top = adc(spec, st.nrows, opts)
+    identity, delta, top = adc(spec, st.nrows, opts, st.full_scale)
+    per_column = np.ndim(delta) > 0             # calibrated full scales: one step per bit-serial column
     integer_reads = not (opts.conductance_sigma > 0)
     identity = identity and integer_reads       # analog sums with variation are still rounded by the ADC
     peak = st.nrows * dmax * ((1 << c) - 1)
     rdt = np.float32 if (integer_reads and peak < _F32_EXACT) else np.float64
     G = G.astype(rdt, copy=False)
     lut = None
-    if integer_reads and not identity and peak < _LUT_MAX:
+    if integer_reads and not identity and not per_column and peak < _LUT_MAX:
         lut = adc_codes(np.arange(peak + 1), delta, top, opts.adc_offset).astype(rdt)
     code_max = peak if identity else (top if top is not None else peak * 2 + abs(opts.adc_offset) + 1)
     jsum = float((2.0 ** (d * np.arange(J))).sum())
@@ -143,22 +144,10 @@ def bitserial_strip(st: Strip, G: np.ndarray, xs: np.ndarray, o_x: int, a: int, 
     ncat = G.shape[1]
     out = np.empty((M, n), dtype=np.float64)
     step = max(1, int(opts.chunk_elements // max(1, J * max(ncat, st.nrows))))
-    inv = [rdt(2.0 ** -(d * j)) for j in range(J + 1)]
     for m0 in range(0, M, step):
         uc = u[m0:m0 + step]
         mc = uc.shape[0]
-        # bit planes x_j = floor(u / 2**(j d)) - 2**d floor(u / 2**((j+1) d)), exact in float
-        planes = np.empty((J, mc, st.nrows), dtype=rdt)
-        hi = uc
-        for j in range(J):
-            nxt = np.floor(uc * inv[j + 1]) if j + 1 < J else None
-            if nxt is None:
-                planes[j] = hi
-            else:
-                np.multiply(nxt, -(dmax + 1), out=planes[j])
-                planes[j] += hi
-                hi = nxt
-        v = planes.reshape(J * mc, st.nrows) @ G          # bitline sums of every cycle and crossbar
+        v = bit_planes(uc, J, d, rdt).reshape(J * mc, st.nrows) @ G    # bitline sums of every cycle and crossbar
         if identity:
             codes = v
         elif lut is not None:
@@ -169,6 +158,8 @@ def bitserial_strip(st: Strip, G: np.ndarray, xs: np.ndarray, o_x: int, a: int, 
         if codes.dtype != cdt:
             codes = codes.astype(cdt)
         cyc = np.tensordot(jw, codes, axes=(0, 0))       # shift-and-add over input cycles
+        if per_column:
+            cyc = cyc.astype(np.float64) * delta          # each crossbar's own step
         acc = np.zeros((mc, n), dtype=np.float64)
         off = 0
         for k, nk in enumerate(st.prefix):                # shift-and-add over slices, +/- polarity
@@ -179,7 +170,7 @@ def bitserial_strip(st: Strip, G: np.ndarray, xs: np.ndarray, o_x: int, a: int, 
                 else:
                     acc[:, :nk] += w * cyc[:, off:off + nk]
                 off += nk
-        if delta != 1.0:
+        if not per_column and delta != 1.0:
             acc *= delta
         if spec.encoding == "offset":                      # reference column: 2**(b-1) * sum(u_x)
             acc -= np.outer(uc.sum(axis=1, dtype=np.float64), st.w_offset)
@@ -187,3 +178,65 @@ def bitserial_strip(st: Strip, G: np.ndarray, xs: np.ndarray, o_x: int, a: int, 
             acc -= o_x * st.colsum
         out[m0:m0 + mc] = acc
     return out if st.to_natural is None else out[:, st.to_natural]
+
+
+def bit_planes(u: np.ndarray, J: int, d: int, dt) -> np.ndarray:
+    """``[J, *u.shape]`` input bit planes ``x_j = floor(u / 2**(j d)) - 2**d floor(u / 2**((j+1) d))`` of the
+    unsigned wordline values ``u`` (exact float floor arithmetic, least significant plane first)."""
+    planes = np.empty((J,) + u.shape, dtype=dt)
+    inv = [dt(2.0 ** -(d * j)) for j in range(J + 1)]
+    hi = u
+    for j in range(J):
+        if j + 1 == J:
+            planes[j] = hi
+        else:
+            nxt = np.floor(u * inv[j + 1])
+            np.multiply(nxt, -(1 << d), out=planes[j])
+            planes[j] += hi
+            hi = nxt
+    return planes
+
+
+def read_histograms(st: Strip, xs: np.ndarray, o_x: int, a: int, spec: CrossbarSpec, chunk_elements: int,
+                    per_column: bool = False) -> list[tuple[dict, int, int, np.ndarray | list[np.ndarray]]]:
+    """The bitline sums every crossbar read of the strip produces on ``xs`` (ideal cells), as weighted
+    histograms: per (tile, slice ``k``, polarity ``p``), ``hist[v]`` = sum over reads of value ``v`` of
+    ``4**(j d)`` (``j``: the input cycle; a read's error reaches the output times ``2**(j d)``).
+
+    Returns ``[(tile, k, p, hist)]`` in the strip's bit-serial column order (``per_column``: ``hist`` is a
+    list of one histogram per tile column)."""
+    d = spec.dac_bits
+    J = -(-a // d)
+    G = st.conductance.astype(np.float64)
+    u = xs.astype(np.float64) + o_x
+    jw = 4.0 ** (d * np.arange(J))
+    blocks = []
+    for k, per_k in enumerate(st.xbar_blocks):
+        members = [t for t in st.tiles if t["slices"] > k]
+        for p in range(len(per_k)):
+            blocks.extend((t, k, p) for t in members)
+    ncat = G.shape[1]
+    hists: list[np.ndarray] = [np.zeros(1) for _ in range(ncat if per_column else len(blocks))]
+    step = max(1, int(chunk_elements // max(1, J * max(ncat, st.nrows))))
+    for m0 in range(0, u.shape[0], step):
+        v = np.rint(bit_planes(u[m0:m0 + step], J, d, np.float64) @ G).astype(np.int64)   # [J, mc, ncat]
+        off = 0
+        for bi, (t, _k, _p) in enumerate(blocks):
+            nc = t["ncols"]
+            for hi, sel in ([(off + c, slice(off + c, off + c + 1)) for c in range(nc)] if per_column
+                            else [(bi, slice(off, off + nc))]):
+                for j in range(J):
+                    h = np.bincount(v[j, :, sel].ravel()) * jw[j]
+                    if h.size > hists[hi].size:
+                        h[:hists[hi].size] += hists[hi]
+                        hists[hi] = h
+                    else:
+                        hists[hi][:h.size] += h
+            off += nc
+    if per_column:
+        out, off = [], 0
+        for t, k, p in blocks:
+            out.append((t, k, p, hists[off:off + t["ncols"]]))
+            off += t["ncols"]
+        return out
+    return [(t, k, p, h) for (t, k, p), h in zip(blocks, hists)]

@@ -20,7 +20,8 @@ import numpy as np
 from ...core.crossbar import CrossbarSpec
 from . import adc as _adc
 from .activations import quantize_activations
-from .arrays import _F32_EXACT, bitserial_strip, exact_accumulate, exact_dtype, exact_strip, scale_vector
+from .arrays import (_F32_EXACT, bitserial_strip, exact_accumulate, exact_dtype, exact_strip, read_histograms,
+                     scale_vector)
 from .devices import device_key, perturbed_conductances
 from .geometry import Geometry
 from .options import SimError, SimOptions
@@ -109,7 +110,7 @@ class CompiledLayer:
             return True
         if path == "bitserial" or opts.force_bitserial or opts.cells_perturbed:
             return False
-        return self.adc(st.nrows, opts)[0]
+        return _adc.adc(self.spec, st.nrows, opts, st.full_scale)[0]
 
     def _strip_units(self, x: Any, opts: SimOptions, path: str):
         """[(strip, integer-unit results [M, n])], layout, s_x, M (unchunked; for verification)."""
@@ -198,6 +199,22 @@ class CompiledLayer:
         results, _, s_x, _ = self._strip_units(x, opts, path)
         return [{"group": st.group, "row0": st.row0, "nrows": st.nrows, "cols": st.cols,
                  "scale": st.scale, "act_scale": s_x, "values": u} for st, u in results]
+
+    def read_histograms(self, x: Any, options: SimOptions | None = None, max_rows: int | None = None,
+                        per_column: bool = False) -> list[tuple[dict, int, int, Any]]:
+        """The bitline sums of every crossbar read on input ``x`` (ideal cells), per (tile, slice, polarity)
+        as weighted histograms (:func:`.arrays.read_histograms`), for the ADC range calibration.
+
+        ``max_rows``: at most this many im2col rows (input vectors) are read, evenly spaced (deterministic)."""
+        opts = options or SimOptions()
+        mats, _layout, _s_x, o_x, a = self._prepare(x, opts)
+        M = mats[0].shape[0]
+        pick = slice(None) if max_rows is None or M <= max_rows else np.linspace(0, M - 1, max_rows).astype(np.int64)
+        out = []
+        for st in self.strips:
+            xs = mats[st.group][pick, st.row0:st.row0 + st.nrows]
+            out.extend(read_histograms(st, xs, o_x, a, self.spec, opts.chunk_elements, per_column))
+        return out
 
     def dequantized_matrices(self) -> list[np.ndarray]:
         """Per group, ``scale * levels`` read from the cells, float64 ``[K, N]``."""

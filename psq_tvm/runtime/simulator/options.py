@@ -22,7 +22,8 @@ class SimOptions:
     """Activation bits; None = ``spec.act_bits``."""
 
     adc_full_scale: float | None = None
-    """ADC full scale in bitline-sum units (one DAC step x one cell level); None = the tile's lossless
+    """One ADC full scale for every read, in bitline-sum units (one DAC step x one cell level); None = each
+    tile's stored ``adc_full_scale`` (calibrated at compile time) where it has one, else the tile's lossless
     peak ``nrows (2**dac-1)(2**cell-1)``.  Setting it always applies the ADC quantiser (never the
     identity); ignored when ``spec.adc_bits`` is None."""
 

@@ -46,6 +46,8 @@ class Strip:
     xbar_blocks: list[list[list[tuple[int, int, int, int]]]]   # [k][p] -> (xbar, row_off, col_off, ncols) per tile
     to_natural: np.ndarray | None = None
     conductance: np.ndarray | None = None   # [nrows, sum_k P*prefix[k]] ideal cell levels, float32
+    full_scale: np.ndarray | None = None    # [sum_k P*prefix[k]] calibrated ADC full scale per bit-serial
+    #                                         column (NaN: none stored), None when no tile has one
 
 
 def build_strips(tiles: list, cells: np.ndarray, spec: CrossbarSpec, geom: Geometry) -> list[Strip]:
@@ -87,6 +89,7 @@ def build_strips(tiles: list, cells: np.ndarray, spec: CrossbarSpec, geom: Geome
         if sc.shape != (nc,) or not np.all(np.isfinite(sc)):
             raise SimError(f"{tid}: scale must be a finite number or a list of {nc} per-column scales")
         tt["crossbars"], tt["scale"] = xb, sc
+        tt["adc_full_scale"] = _full_scale(t.get("adc_full_scale"), S, P, nc, tid)
         cover[g, r0:r0 + nr, c0:c0 + nc] += 1
         by_strip.setdefault((g, r0, nr), []).append(tt)
     if not np.all(cover == 1):
@@ -124,8 +127,29 @@ def build_strips(tiles: list, cells: np.ndarray, spec: CrossbarSpec, geom: Geome
                    np.concatenate(woff), levels.sum(axis=0).astype(np.float64), prefix, xbar_blocks,
                    None if identity else nat)
         st.conductance = gather(st, lambda xb: cells[xb]).astype(np.float32)
+        if any(t["adc_full_scale"] is not None for t in members):
+            st.full_scale = np.concatenate([
+                (np.full((t["slices"], P, t["ncols"]), np.nan) if t["adc_full_scale"] is None
+                 else t["adc_full_scale"])[k, p] for k in range(Smax) for p in range(P) for t in members
+                if t["slices"] > k])
         strips.append(st)
     return strips
+
+
+def _full_scale(value, S: int, P: int, ncols: int, tid: str) -> np.ndarray | None:
+    """A tile's ``adc_full_scale`` ([slices][polarities], or [slices][polarities][ncols]) as ``[S, P, ncols]``."""
+    if value is None:
+        return None
+    try:
+        fs = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        fs = np.empty(0)
+    if fs.shape == (S, P):
+        fs = np.repeat(fs[:, :, None], ncols, axis=2)
+    if fs.shape != (S, P, ncols) or not np.all(np.isfinite(fs)) or not np.all(fs > 0):
+        raise SimError(f"{tid}: adc_full_scale must be [slices={S}][polarities={P}] positive numbers "
+                       f"(or [slices][polarities][{ncols}]), got {value!r}")
+    return fs
 
 
 def gather(st: Strip, array_of: Callable[[int], np.ndarray]) -> np.ndarray:
