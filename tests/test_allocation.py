@@ -60,7 +60,7 @@ def test_random_instances_match_brute_force_when_convex(rng):
         limit = rng.uniform(2.5, 5.5)
         choice, _ = allocate_budget(_table(dist, bits), _full_tiles(T), preset("isaac", weight_bits=bits),
                                     Budget("avg-bits", limit))
-        feasible = lambda c: np.mean([bits[k] for k in c]) <= limit + 1e-9
+        feasible = lambda c, limit=limit: np.mean([bits[k] for k in c]) <= limit + 1e-9
         _, want_d = _brute_force(dist, feasible)
         assert feasible(tuple(choice))
         assert dist[np.arange(T), choice].sum() == pytest.approx(want_d, rel=1e-9), (trial, limit)

@@ -9,14 +9,13 @@ ONNX reference evaluator computes on those inputs (no code of psq_tvm involved o
 """
 
 import numpy as np
-import onnx
 import pytest
 from onnx import helper as h
 from onnx import numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
+from test_onnx_models import model, vi
 
 from psq_tvm.frontend.bn_stats import batchnorm_input_stats
-from test_onnx_models import model, vi
 
 N = 500           # sampled inputs (x 36 positions per channel)
 
@@ -31,7 +30,8 @@ def _calibrated_model():
     g2, b2 = r.uniform(0.5, 2.0, 6), r.normal(1, 1, 6)
     f32 = lambda a: np.asarray(a, np.float32)
     inits = [nh.from_array(f32(v), k) for k, v in dict(W1=W1, B1=B1, Wd=Wd, Wc=Wc, Wp=Wc, Wm=Wc, W3=Wc,
-                                                       g1=g1, b1=b1, g2=g2, b2=b2, lo=0.0, hi=6.0).items()]
+                                                       g1=g1, b1=b1, g2=g2, b2=b2, lo=0.0, hi=6.0,
+                                                       half=0.5).items()]
     # running statistics: placeholders, replaced by the calibration below
     for k in ("m1", "v1", "m2", "v2"):
         inits.append(nh.from_array(np.zeros(6, np.float32) if k[0] == "m" else np.ones(6, np.float32), k))
@@ -48,8 +48,17 @@ def _calibrated_model():
         h.make_node("BatchNormalization", ["d1", "g2", "b2", "m2", "v2"], ["n2"], name="bn2", epsilon=0.0),
         h.make_node("Clip", ["n2", "lo", "hi"], ["a2"]),
         h.make_node("Conv", ["a2", "W3"], ["y_3"], name="conv3"),
+        # a residual around an activation: both Add branches are functions of BN1's output (correlated)
+        h.make_node("Add", ["n1", "r1"], ["res"]),
+        h.make_node("Conv", ["res", "Wc"], ["y_res"], name="conv_res"),
+        h.make_node("HardSigmoid", ["n1"], ["gate"], alpha=1 / 6, beta=0.5),
+        h.make_node("Mul", ["n1", "gate"], ["swish"]),
+        h.make_node("Mul", ["n1", "half"], ["n1h"]),
+        h.make_node("Add", ["swish", "n1h"], ["res2"]),
+        h.make_node("Conv", ["res2", "Wc"], ["y_res2"], name="conv_res2"),
     ]
-    outs = [vi(n, None) for n in ("y_a", "y_p", "y_m", "y_3", "n1", "r1", "p1", "a2", "c1", "d1")]
+    outs = [vi(n, None) for n in ("y_a", "y_p", "y_m", "y_3", "y_res", "y_res2", "n1", "r1", "p1", "a2", "c1", "d1",
+                                   "res", "res2")]
     m = model(nodes, [vi("x", [N, 3, 8, 8])], outs, inits)
     x = np.random.default_rng(12).standard_normal((N, 3, 8, 8)).astype(np.float32)
 
@@ -81,7 +90,7 @@ def test_which_layers_get_statistics(sampled):
     st, _ = sampled
     # conv1 reads the model input, conv_maxpool a max pool: unknown; the depthwise conv is host-side
     # but its input statistics are still known (it reads BN1's output)
-    assert set(st) == {"conv_a", "conv_pool", "dw", "conv3"}
+    assert set(st) == {"conv_a", "conv_pool", "dw", "conv3", "conv_res", "conv_res2"}
 
 
 @pytest.mark.parametrize("layer, tensor", [("conv_a", "r1"), ("dw", "n1"), ("conv3", "a2")])
@@ -105,3 +114,13 @@ def test_average_pool_passes_the_mean(sampled):
     np.testing.assert_allclose(st["conv_pool"][0], m1, rtol=0.03, atol=0.01)
     assert np.all(st["conv_pool"][1] >= m2 * 0.97)
     assert np.all(st["conv_pool"][1] <= _moments(acts["r1"])[1] * 1.03)
+
+
+@pytest.mark.parametrize("layer, tensor", [("conv_res", "res"), ("conv_res2", "res2")])
+def test_correlated_add_branches_match_sampled_moments(sampled, layer, tensor):
+    """BN1 + Relu(BN1), and swish(BN1) + 0.5 BN1: the branches are not independent (taking them so
+    put E[x^2] up to 37 % low); the propagated moments match the sampled ones."""
+    st, acts = sampled
+    m1, m2 = _moments(acts[tensor])
+    np.testing.assert_allclose(st[layer][0], m1, rtol=0.03, atol=0.01)
+    np.testing.assert_allclose(st[layer][1], m2, rtol=0.03, atol=0.01)

@@ -14,12 +14,12 @@ from onnx import numpy_helper as nh
 
 pytest.importorskip("tvm")
 
-from psq_tvm.cli import main  # noqa: E402
-from psq_tvm.core.candidates import SearchConfig  # noqa: E402
-from psq_tvm.core.tables import decode_tile  # noqa: E402
-from psq_tvm.runtime.package import load  # noqa: E402
+from test_onnx_models import matmul_model, reference, small_cnn
 
-from test_onnx_models import matmul_model, reference, small_cnn  # noqa: E402
+from psq_tvm.cli import main
+from psq_tvm.core.candidates import SearchConfig
+from psq_tvm.core.tables import decode_tile
+from psq_tvm.runtime.package import load
 
 # tolerances between the tiles' 4- and 5-bit errors (measured by _best_sse), so the bitwidths differ
 TOL = {"tile": 0.012, "column": 0.0098}
@@ -145,7 +145,7 @@ def test_exit_codes_are_exact(model_file, tmp_path, capsys, monkeypatch):
     rc, _, err = run_cli(capsys, "report", tmp_path / "nope.tar")
     assert rc == 1
     # interrupted: 130, one line, nothing written
-    import psq_tvm.cli as cli
+    from psq_tvm import cli
 
     def interrupted(a):
         raise KeyboardInterrupt
@@ -169,7 +169,7 @@ def test_verify_on_a_left_operand_matmul(tmp_path, capsys, monkeypatch):
     rc, out, _ = run_cli(capsys, "run", tmp_path / "left.tar", "--inputs", tmp_path / "x.npz", "--verify", "-q")
     assert rc == 0 and "verify: PASS sim vs golden" in out, out
     np.testing.assert_allclose(pkg.run({"x": x}, "float")[0], reference(m, {"x": x}), rtol=1e-5, atol=1e-5)
-    import psq_tvm.runtime.simulator as simulator
+    from psq_tvm.runtime import simulator
     real = simulator.run_layer
     monkeypatch.setattr(simulator, "run_layer", lambda *a, **k: real(*a, **k) * np.float32(1.001))
     rc, out, _ = run_cli(capsys, "run", tmp_path / "left.tar", "--inputs", tmp_path / "x.npz", "--verify", "-q")

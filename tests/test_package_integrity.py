@@ -11,12 +11,12 @@ import pytest
 
 pytest.importorskip("tvm")
 
-import psq_tvm  # noqa: E402
-from psq_tvm.core.crossbar import preset  # noqa: E402
-from psq_tvm.runtime.package import HOST_LIBRARY, MANIFEST, Package, PackageError, load  # noqa: E402
+from test_onnx_models import reference, small_cnn
+from test_package import _rewrite
 
-from test_onnx_models import reference, small_cnn  # noqa: E402
-from test_package import _rewrite  # noqa: E402
+import psq_tvm
+from psq_tvm.core.crossbar import preset
+from psq_tvm.runtime.package import HOST_LIBRARY, MANIFEST, Package, PackageError, load
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """Device non-idealities against cells perturbed by hand and against sampled statistics."""
 import numpy as np
 import pytest
+from test_simulator import fake_quant_input, hand_case, random_result
 
 from psq_tvm import Layer, preset
 from psq_tvm.core.tables import crossbar_cells
 from psq_tvm.runtime.simulator import SimOptions, clear_cache, layer_program, run_layer
-
-from test_simulator import fake_quant_input, hand_case, random_result
 
 
 def _offset_layer(seed=2):
