@@ -54,6 +54,8 @@ def test_random_packings_are_valid_and_first_fit(rng):
                 cols[pl.col_off[t]:pl.col_off[t] + nc[t]] += 1
             assert rows.max() <= 1 and cols.max() <= 1, (s, ts)
         assert pl.n_crossbars == sum(int(sl[ts[0]]) * 2 for ts in used.values())
+        for s, ts in used.items():
+            assert pl.tiles_of_set(s).tolist() == sorted(ts)
         # first fit: the tile that opened a set (first of its members in largest-first order) fitted
         # in no set of its slice count that already existed at that moment
         key = lambda t: (-max(nr[t] / R, nc[t] / C), t)
