@@ -33,7 +33,8 @@ RESULTS_MD = os.path.join(ROOT, "docs", "results", "mutation.md")
 
 #: module -> (source files to mutate, test files that exercise them directly)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
-    "crossbar": (["psq_tvm/core/crossbar.py"], ["tests/test_crossbar.py", "tests/test_adc_boundary.py"]),
+    "crossbar": (["psq_tvm/core/crossbar.py"],
+                 ["tests/test_crossbar.py", "tests/test_crossbar_limits.py", "tests/test_adc_boundary.py"]),
     "tiling": (["psq_tvm/core/tiling.py"], ["tests/test_tiling.py"]),
     "tables": (["psq_tvm/core/tables.py"], ["tests/test_packing.py"]),
     "packing": (["psq_tvm/core/packing.py"], ["tests/test_packing.py", "tests/test_allocation.py"]),
