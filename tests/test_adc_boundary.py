@@ -1,6 +1,7 @@
 """The ADC at the edge of losslessness, and per-column scales on the lossy bit-serial path."""
 import numpy as np
 import pytest
+from test_simulator import random_result
 
 from psq_tvm import Layer, preset
 from psq_tvm.core.quant import QuantResult
@@ -8,8 +9,6 @@ from psq_tvm.core.tables import crossbar_cells
 from psq_tvm.core.tiling import ModelTiles
 from psq_tvm.runtime.simulator import SimOptions, golden_layer, layer_program, run_layer
 from psq_tvm.runtime.simulator.adc import adc
-
-from test_simulator import random_result
 
 
 @pytest.mark.parametrize("rows, adc_bits, lossless", [

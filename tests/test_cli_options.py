@@ -196,3 +196,47 @@ def test_compile_is_byte_identical_across_processes_and_thread_counts(model_file
     assert sorted(outs[0]) == sorted(outs[1])
     for name in outs[0]:
         assert outs[0][name] == outs[1][name], name
+
+
+def test_sensitivity_and_bias_correction_flags_reach_the_package(tmp_path, capsys):
+    """--psq-sensitivity bn moves bits on this BatchNorm model (at avg-bits=3.3 the last tile keeps 2 bits
+    instead of 3); --psq-bias-correction none stores no corrections, bn the ones of conv2/conv3 (conv1 reads
+    the model input); each package is the one the Python API builds with the same options."""
+    from test_bn_stats import _bn_model
+
+    import psq_tvm
+    from psq_tvm.core.crossbar import preset
+
+    m, _ = _bn_model()
+    onnx.save(m, tmp_path / "bn.onnx")
+    common = ["-q", "--psq-budget", "avg-bits=3.3", "--target-pim-psq-rows", "32", "--target-pim-psq-cols", "32"]
+    pk = {}
+    for sens, bc in (("bn", "none"), ("none", "bn")):
+        out = tmp_path / f"{sens}_{bc}.tar"
+        rc, _, err = run_cli(capsys, "compile", tmp_path / "bn.onnx", "-o", out, *common,
+                             "--psq-sensitivity", sens, "--psq-bias-correction", bc)
+        assert rc == 0, err
+        pk[sens, bc] = load(out)
+        assert pk[sens, bc].manifest["search"]["sensitivity"] == sens
+        assert pk[sens, bc].manifest["search"]["bias_correction"] == bc
+    bits = {k: [t["bits"] for lay in p.layers for t in lay["tiles"]] for k, p in pk.items()}
+    assert bits["bn", "none"] != bits["none", "bn"]
+    assert all(lay["bias_correction"] is None for lay in pk["bn", "none"].layers)
+    corrected = {lay["name"] for lay in pk["none", "bn"].layers if lay["bias_correction"]}
+    assert corrected == {"conv2", "conv3"}
+    api = psq_tvm.compile(m, spec=preset("isaac", rows=32, cols=32), budget="avg-bits=3.3", sensitivity="bn",
+                          bias_correction="bn")
+    assert [t["bits"] for lay in api.layers for t in lay["tiles"]] == bits["bn", "none"]
+    # conv2 (1x1) reads Clip(BN1, 0, 6): its correction is x_mean @ (W - W_q), with x_mean sampled from
+    # N(beta1, gamma1^2) clipped, W the float weight and W_q the one decoded from the cells
+    from psq_tvm.runtime.session import dequantized_weight
+    p = pk["none", "bn"]
+    lay = next(lay for lay in p.layers if lay["name"] == "conv2")
+    arr = {i.name: nh.to_array(i).astype(np.float64) for i in m.graph.initializer}
+    xbar = np.clip(np.random.default_rng(1).normal(arr["b1"], np.abs(arr["g1"]), (400_000, 8)), 0, 6).mean(0)
+    w = p.blob(lay["float_weight"]).astype(np.float64).reshape(8, -1).T
+    wq = dequantized_weight(lay, p.blob("crossbars"), p.spec).astype(np.float64).reshape(8, -1).T
+    want = xbar @ (w - wq)
+    got = p.blob(lay["bias_correction"]).astype(np.float64).ravel()
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=0.02, atol=0.01 * np.abs(want).max())
