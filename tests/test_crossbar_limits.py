@@ -13,6 +13,7 @@ from psq_tvm.core.crossbar import CrossbarSpec, SpecError, parse_bits, preset
     ({"adc_bits": 32}, {"adc_bits": 33}, "adc_bits must be 1..32 or None"),
     ({"adc_bits": 1}, {"adc_bits": 0}, "adc_bits must be 1..32 or None"),
     ({"weight_bits": (2, 16)}, {"weight_bits": (2, 17)}, "weight bitwidth 17 is outside 2..16"),
+    ({"weight_bits": (2,)}, {"weight_bits": (1, 4)}, r"bitwidth 1 is outside 2..16 \(1-bit symmetric levels hold only 0; use"),
     ({"baseline_bits": 16}, {"baseline_bits": 17}, "weight bitwidth 17 is outside 2..16"),
     ({"rows": 1}, {"rows": True}, "rows must be a positive integer, got True"),
     ({"cols": 1}, {"cols": 2.0}, "cols must be a positive integer, got 2.0"),
