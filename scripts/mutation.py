@@ -35,7 +35,7 @@ RESULTS_MD = os.path.join(ROOT, "docs", "results", "mutation.md")
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "crossbar": (["psq_tvm/core/crossbar.py"],
                  ["tests/test_crossbar.py", "tests/test_crossbar_limits.py", "tests/test_adc_boundary.py"]),
-    "tiling": (["psq_tvm/core/tiling.py"], ["tests/test_tiling.py"]),
+    "tiling": (["psq_tvm/core/tiling.py"], ["tests/test_tiling.py", "tests/test_packing.py", "tests/test_search.py"]),
     "tables": (["psq_tvm/core/tables.py"], ["tests/test_packing.py"]),
     "packing": (["psq_tvm/core/packing.py"], ["tests/test_packing.py", "tests/test_allocation.py"]),
     "allocation": (["psq_tvm/core/allocation.py"], ["tests/test_allocation.py", "tests/test_search.py"]),

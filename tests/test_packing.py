@@ -138,3 +138,19 @@ def test_cells_blockwise_equal_per_tile_reference(rng):
                            config=SearchConfig(objective="mse", granularity=gran))
             assert len(np.unique(r.bits)) > 1
             assert np.array_equal(crossbar_cells(r), _cells_per_tile(r))
+
+
+def test_cell_and_level_dtypes(rng):
+    """Cells are uint8 (the package's crossbar blob; docs/package_format.md), levels integers."""
+    from psq_tvm.core.tables import decode_tile, encode_tile
+    layers = [Layer("fc", rng.standard_normal((150, 40)).astype(np.float32))]
+    r = psq_search(layers, preset(), budget="avg-bits=5")
+    cells = crossbar_cells(r)
+    assert cells.dtype == np.uint8 and cells.shape == (r.crossbars, 128, 128)
+    q = np.array([[7, -8], [0, 3]])
+    for enc in ("offset", "differential"):
+        e = encode_tile(q if enc == "offset" else np.clip(q, -7, 7), 4, enc, 2, 2)
+        assert e.dtype == np.uint8
+        back = decode_tile(e, 4, enc, 2)
+        assert back.dtype.kind == "i" and back.tolist() == (q if enc == "offset" else np.clip(q, -7, 7)).tolist()
+    assert read_tile(cells, r, 0).dtype.kind == "i"
