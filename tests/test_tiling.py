@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from psq_tvm.core.tiling import (Layer, ModelTiles, TileGrid, WeightError, grouped_conv_rule, roll, tiles, unroll,
+from psq_tvm.core.tiling import (Layer, ModelTiles, TileGrid, WeightError, group_packing, grouped_conv_rule, roll, tiles, unroll,
                             untile)
 
 
@@ -76,3 +76,28 @@ def test_grouped_rule():
     on, why = grouped_conv_rule(128, 128, (240, 80, 1, 1), 3)    # shufflenet-style group conv
     assert on and "block-diagonally" in why
     assert grouped_conv_rule(128, 128, (64, 64, 3, 3), 1)[0]
+
+
+@pytest.mark.parametrize("R, C, shape, groups, k, util", [
+    # per group: r = cin/g * kh * kw rows, c = cout/g columns; k = min(R // r, C // c, groups) groups per crossbar
+    (128, 128, (64, 1, 3, 3), 64, 14, 14 * 9 * 1 / 16384),        # depthwise 3x3: rows limit
+    (128, 128, (240, 80, 1, 1), 3, 1, 80 * 80 / 16384),
+    (64, 256, (96, 4, 2, 2), 3, 3, 3 * 16 * 32 / 16384),          # r 16, c 32: the group count limits
+    (64, 256, (160, 4, 2, 2), 5, 4, 4 * 16 * 32 / 16384),         # rows limit (64 // 16)
+    (256, 64, (80, 16, 1, 1), 5, 4, 4 * 16 * 16 / 16384),         # columns limit (64 // 16)
+    (128, 128, (64, 32, 3, 3), 2, 1, 128 * 32 / 16384),           # r = 288 > R: one group, clipped to R
+    (128, 128, (512, 2, 1, 1), 2, 1, 2 * 128 / 16384),            # c = 256 > C: clipped to C
+])
+def test_group_packing_hand_computed(R, C, shape, groups, k, util):
+    assert group_packing(R, C, shape, groups) == (k, pytest.approx(util, rel=1e-12))
+
+
+def test_grouped_rule_threshold_and_reasons():
+    # exactly 12.5 % of the cells: on PIM (the rule is util >= 1/8)
+    on, why = grouped_conv_rule(64, 256, (160, 4, 2, 2), 5)
+    assert on and why == "5 groups packed block-diagonally, 4 per crossbar, 12.5% cell utilisation"
+    on, why = grouped_conv_rule(256, 64, (80, 16, 1, 1), 5)          # 6.25 %
+    assert not on and why == ("5-group conv fills only 6.2% of a 256x64 crossbar even block-diagonally packed "
+                              "(< 12.5%); kept on host")
+    assert grouped_conv_rule(128, 128, (64, 32, 3, 3), 1) == (True, "dense matrix")
+    assert grouped_conv_rule(128, 128, (64, 32, 3, 3), 2)[0] is True        # 25 %
