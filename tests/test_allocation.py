@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from psq_tvm import Layer, ModelTiles, preset, psq_search
-from psq_tvm.core.allocation import Budget, allocate_budget
+from psq_tvm.core.allocation import Budget, BudgetError, allocate_budget, allocate_tolerance
 from psq_tvm.core.candidates import CandidateTable
 
 
@@ -82,3 +82,64 @@ def test_importance_moves_bits_to_the_important_tile(rng):
         assert r.avg_bits <= 4 + 1e-9
         # the table the allocation reads is the plain distortion scaled tile by tile
         np.testing.assert_allclose(r.candidates.distortion, plain.candidates.distortion * imp[:, None], rtol=1e-12)
+
+
+def test_budget_exactly_at_the_floor_or_at_the_best_is_met():
+    spec, tiles = preset("isaac"), _full_tiles(3)
+    # every tile at 2 bits is exactly avg-bits=2: allowed
+    choice, note = allocate_budget(_table(IDENTICAL), tiles, spec, Budget("avg-bits", 2.0))
+    assert choice.tolist() == [0, 0, 0] and note == "budget avg-bits=2 met: avg bits 2.0000 (limit avg bits 2.0000)"
+    # the distortion-free allocation (8 bits everywhere) costs exactly avg-bits=8: the budget does not bind
+    choice, note = allocate_budget(_table(IDENTICAL), tiles, spec, Budget("avg-bits", 8.0))
+    assert choice.tolist() == [2, 2, 2]
+    assert note == "budget avg-bits=8 not binding: best distortion fits (avg bits 8.0000)"
+    choice, note = allocate_budget(_table(IDENTICAL), tiles, spec, Budget("crossbars", 12))   # 3 tiles x 4 slices
+    assert choice.tolist() == [2, 2, 2] and note == "budget crossbars=12 not binding: best distortion fits (12 crossbars)"
+
+
+def test_notes_and_refusals_say_what_was_measured():
+    spec, tiles = preset("isaac"), _full_tiles(3)
+    _, note = allocate_budget(_table(IDENTICAL), tiles, spec, Budget.parse("avg-bits=3.34"))
+    assert note == "budget avg-bits=3.34 met: avg bits 3.3333 (limit avg bits 3.3400)"
+    _, note = allocate_budget(_table(IDENTICAL), tiles, spec, Budget.parse("crossbars=5"))
+    assert note == "budget crossbars=5 met: 5 crossbars (limit 5 crossbars)"
+    with pytest.raises(BudgetError, match=r"^budget crossbars=2 cannot be met: even the smallest bitwidth \(2\) on "
+                       r"every tile needs 3 crossbars \(limit 2 crossbars\); raise the budget or allow smaller "
+                       r"bitwidths$"):
+        allocate_budget(_table(IDENTICAL), tiles, spec, Budget.parse("crossbars=2"))
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("avg-bits=0", "budget avg-bits=0.0 must be a positive number"),
+    ("avg-bits=-1", "budget avg-bits=-1.0 must be a positive number"),
+    ("crossbars=inf", "budget crossbars=inf must be a positive number"),
+    ("reduction=nan", "budget reduction=nan must be a positive number"),
+    ("avg-bits=4=5", r"cannot parse budget 'avg-bits=4=5': '4=5' is not a number"),
+    ("avg-bits", r"cannot parse budget 'avg-bits': expected KIND=VALUE"),
+])
+def test_bad_budgets_refused(text, needle):
+    with pytest.raises(BudgetError, match=needle):
+        Budget.parse(text)
+
+
+def test_tolerance_edges():
+    """Per tile the first bitwidth whose nsr <= tolerance (equality counts); none: the largest."""
+    nsr = np.array([[0.5, 0.1, 0.0],       # meets 0.1 at 4 bits (exactly), 0 at 8
+                    [0.5, 0.2, 0.01],      # meets 0.1 only at 8
+                    [0.5, 0.3, 0.2]])      # never meets 0.1: the largest bitwidth
+    t = _table(np.zeros((3, 3)))
+    t.nsr = nsr
+    assert allocate_tolerance(t, 0.1).tolist() == [1, 2, 2]
+    assert allocate_tolerance(t, 0.0).tolist() == [2, 2, 2]       # a tolerance of 0 is allowed
+    assert allocate_tolerance(t, 0.5).tolist() == [0, 0, 0]
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(BudgetError, match="tolerance must be a finite number >= 0"):
+            allocate_tolerance(t, bad)
+
+
+def test_greedy_fill_is_bounded_and_still_fills():
+    """300 identical tiles, budget avg-bits=3: exactly 150 of them can go from 2 to 4 bits.  The Lagrangian
+    alone gives all-2; the greedy fill checks at most 256 upgrades and keeps the 150 that fit."""
+    choice, _ = allocate_budget(_table(np.array([[10.0, 1.0, 0.0]] * 300)), _full_tiles(300), preset("isaac"),
+                                Budget("avg-bits", 3.0))
+    assert np.bincount(choice, minlength=3).tolist() == [150, 150, 0]
