@@ -97,10 +97,20 @@ def measure(name: str, work_root: str, max_children: int) -> dict:
     work = os.path.join(work_root, name)
     _copy_tree(work)
     _write_config(work, sources, tests)
-    py = sys.executable
     t0 = time.time()
     with open(os.path.join(work_root, f"{name}.log"), "w") as log:
-        _run([py, "-m", "mutmut", "run", "--max-children", str(max_children)], work, log)
+        _run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)], work, log)
+    minutes = (time.time() - t0) / 60
+    return collect(name, work_root, minutes)
+
+
+def collect(name: str, work_root: str, minutes: float | None = None, partial: bool = False) -> dict:
+    """Statuses, survivors and branch coverage of a module's mutmut run in ``work_root/name`` (with
+    ``partial``: of a run stopped before the end; mutants not run yet are reported as such)."""
+    sources, tests = MODULES[name]
+    work = os.path.join(work_root, name)
+    py = sys.executable
+    with open(os.path.join(work_root, f"{name}.log"), "a") as log:
         res = _run([py, "-m", "mutmut", "results", "--all", "true"], work, log)
         status: dict[str, str] = {}
         for line in res.stdout.splitlines():
@@ -123,7 +133,7 @@ def measure(name: str, work_root: str, max_children: int) -> dict:
         pass
     covered = total = 0
     for f, data in cov_files.items():
-        rel = os.path.relpath(os.path.join(work, f), work) if not os.path.isabs(f) else os.path.relpath(f, work)
+        rel = os.path.relpath(f, work) if os.path.isabs(f) else f
         if any(re.fullmatch(s.replace("*", "[^/]*"), rel) for s in sources):
             covered += data["summary"].get("covered_branches", 0)
             total += data["summary"].get("num_branches", 0)
@@ -135,8 +145,8 @@ def measure(name: str, work_root: str, max_children: int) -> dict:
     return {"sources": sources, "tests": tests, "mutants": len(status), "counts": counts, "killed": killed,
             "tested": tested, "score": round(100.0 * killed / tested, 1) if tested else None,
             "branch_coverage": round(100.0 * covered / total, 1) if total else None,
-            "branches": [covered, total], "minutes": round((time.time() - t0) / 60, 1),
-            "date": datetime.date.today().isoformat(), "survivors": survivors}
+            "branches": [covered, total], "minutes": None if minutes is None else round(minutes, 1),
+            "partial": partial, "date": datetime.date.today().isoformat(), "survivors": survivors}
 
 
 def write_report(results: dict) -> None:
@@ -164,9 +174,10 @@ def write_report(results: dict) -> None:
         c = r["counts"]
         score = f"{r['score']:.1f} %" if r["score"] is not None else "-"
         cov = f"{r['branch_coverage']:.1f} % ({r['branches'][0]}/{r['branches'][1]})" if r["branch_coverage"] is not None else "-"
+        mutants = f"{r['mutants']}" + (f" ({c.get('not checked', 0)} not run yet)" if r.get("partial") else "")
         lines.append(f"| {name} | {', '.join(r['sources'])} | {', '.join(t.removeprefix('tests/') for t in r['tests'])} | "
-                     f"{r['mutants']} | {r['killed']} | {c.get('survived', 0)} | {c.get('no tests', 0)} | {score} | "
-                     f"{cov} | {r['minutes']} | {r['date']} |")
+                     f"{mutants} | {r['killed']} | {c.get('survived', 0)} | {c.get('no tests', 0)} | {score} | "
+                     f"{cov} | {r['minutes'] if r['minutes'] is not None else '-'} | {r['date']} |")
     lines += ["", "## Surviving mutants", ""]
     for name in MODULES:
         r = results.get(name)
@@ -188,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the modules, their files and tests")
     ap.add_argument("--work", default=os.path.join(ROOT, "build", "mutation"), help="where the copies go")
     ap.add_argument("--max-children", type=int, default=1, help="mutmut workers (default 1)")
+    ap.add_argument("--collect-partial", action="store_true",
+                    help="do not run: report the (stopped) runs already in --work for the named modules")
     a = ap.parse_args(argv)
     if a.list:
         for k, (src, tests) in MODULES.items():
@@ -204,7 +217,10 @@ def main(argv=None) -> int:
     os.makedirs(a.work, exist_ok=True)
     for name in a.modules or list(MODULES):
         print(f"mutation: {name} ...", flush=True)
-        results[name] = measure(name, a.work, a.max_children)
+        if a.collect_partial:
+            results[name] = collect(name, a.work, partial=True)
+        else:
+            results[name] = measure(name, a.work, a.max_children)
         r = results[name]
         print(f"mutation: {name}: {r['killed']}/{r['tested']} killed ({r['score']} %), branch coverage "
               f"{r['branch_coverage']} %, {r['minutes']} min", flush=True)
