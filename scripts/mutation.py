@@ -174,7 +174,7 @@ def write_report(results: dict) -> None:
         c = r["counts"]
         score = f"{r['score']:.1f} %" if r["score"] is not None else "-"
         cov = f"{r['branch_coverage']:.1f} % ({r['branches'][0]}/{r['branches'][1]})" if r["branch_coverage"] is not None else "-"
-        mutants = f"{r['mutants']}" + (f" ({c.get('not checked', 0)} not run yet)" if r.get("partial") else "")
+        mutants = f"{r['mutants']}" + (f" ({c['not checked']} not run yet)" if c.get("not checked") else "")
         lines.append(f"| {name} | {', '.join(r['sources'])} | {', '.join(t.removeprefix('tests/') for t in r['tests'])} | "
                      f"{mutants} | {r['killed']} | {c.get('survived', 0)} | {c.get('no tests', 0)} | {score} | "
                      f"{cov} | {r['minutes'] if r['minutes'] is not None else '-'} | {r['date']} |")
