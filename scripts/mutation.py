@@ -146,7 +146,7 @@ def collect(name: str, work_root: str, minutes: float | None = None, partial: bo
             "tested": tested, "score": round(100.0 * killed / tested, 1) if tested else None,
             "branch_coverage": round(100.0 * covered / total, 1) if total else None,
             "branches": [covered, total], "minutes": None if minutes is None else round(minutes, 1),
-            "partial": partial, "date": datetime.date.today().isoformat(), "survivors": survivors}
+            "partial": partial and counts.get("not checked", 0) > 0, "date": datetime.date.today().isoformat(), "survivors": survivors}
 
 
 def write_report(results: dict) -> None:
