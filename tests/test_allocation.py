@@ -143,3 +143,11 @@ def test_greedy_fill_is_bounded_and_still_fills():
     choice, _ = allocate_budget(_table(np.array([[10.0, 1.0, 0.0]] * 300)), _full_tiles(300), preset("isaac"),
                                 Budget("avg-bits", 3.0))
     assert np.bincount(choice, minlength=3).tolist() == [150, 150, 0]
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e4])
+def test_allocation_does_not_depend_on_the_distortion_scale(scale):
+    """Scaling every distortion by the same factor changes no optimum (brute force: two tiles at 4 bits).
+    Small distortions make lambda = 1 feasible at once, so the bisection starts from lo = 0."""
+    choice, _ = allocate_budget(_table(IDENTICAL * scale), _full_tiles(3), preset("isaac"), Budget("avg-bits", 3.34))
+    assert sorted(choice.tolist()) == [0, 1, 1]
