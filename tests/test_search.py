@@ -57,9 +57,15 @@ def test_search_picks_lowest_objective(rng, objective):
         li, g, r0, c0, nr, nc = (int(v[t]) for v in (mt.layer, mt.group, mt.row0, mt.col0, mt.nrows, mt.ncols))
         w = layers[li].matrices[g][r0:r0 + nr, c0:c0 + nc]
         ref = _brute_force(w, bits, cfg.ratios, cfg.bins, objective, cfg.thresholds)
+        m2, n = float(np.abs(w.astype(np.float64)).max()) ** 2, w.size
         for bi, b in enumerate(bits):
-            k, _ = ref[b]
+            k, score = ref[b]
             assert table.ratio[t, bi] == cfg.ratios[k], (t, b)
+            # the score itself, not only its argmin: mse per weight in weight units, cdf-kl as is
+            want = score * m2 / n if objective == "mse" else score
+            # (cdf-kl: float32 CDF and logits, ~3e-4; dividing by the wrong threshold count is 1/15 = 7 % off)
+            np.testing.assert_allclose(table.objective[t, bi], want, rtol=1e-4 if objective == "mse" else 2e-3,
+                                       atol=1e-9, err_msg=str((t, b)))
 
 
 def test_mse_objective_matches_raw_weights(rng):
@@ -100,7 +106,16 @@ def test_budget_met(rng, budget):
     bud = Budget.parse(budget)
     if bud.kind == "avg-bits":
         assert r.avg_bits <= bud.value + 1e-9
-        assert r.avg_bits > bud.value - 1.0      # spends the budget, not trivially minimal
+        # spends the budget well: against every one of the 7^6 allocations of these 6 tiles (measured:
+        # within 2 % of the optimum at 3.5 bits, 16 % at 5.25; all tiles at the cheapest is 10-100x worse)
+        D, bits = r.candidates.distortion, np.array(r.candidates.bits)
+        n = r.tiles.n_weights / r.tiles.n_weights.sum()
+        T, B = D.shape
+        grid = np.array(np.meshgrid(*[np.arange(B)] * T, indexing="ij")).reshape(T, -1)
+        fits = (n[:, None] * bits[grid]).sum(axis=0) <= bud.value + 1e-9
+        optimum = D[np.arange(T)[:, None], grid].sum(axis=0)[fits].min()
+        got = D[np.arange(T), np.searchsorted(bits, r.bits)].sum()
+        assert optimum <= got <= 1.25 * optimum, (got, optimum)
     elif bud.kind == "crossbars":
         assert r.crossbars <= bud.value
     else:
@@ -116,8 +131,10 @@ def test_more_budget_less_distortion(rng):
     for x in (3, 4, 6):
         r = psq_search(layers, spec, budget=f"avg-bits={x}")
         tot.append(r.candidates.distortion[np.arange(r.tiles.n_tiles), np.searchsorted(r.candidates.bits, r.bits)].sum())
-    assert tot[0] >= tot[1] >= tot[2]
-    assert d[0] is not None
+    assert tot[0] > tot[1] > tot[2]
+    # the candidate table does not depend on the budget: only the allocation does
+    for x in d[1:]:
+        assert x.distortion.tobytes() == d[0].distortion.tobytes() and x.ratio.tobytes() == d[0].ratio.tobytes()
 
 
 def test_infeasible_budget_reports_why(rng):

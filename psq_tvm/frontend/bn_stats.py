@@ -11,7 +11,9 @@ moment ``E[x^2]`` without any data (Nagel et al., "Data-Free Quantization", ICCV
   ``Softplus``, and swish written as ``Mul(x, Sigmoid(x))`` / ``Mul(x, HardSigmoid(x))``: moments of
   ``f(x)``, ``x ~ N(mean, var)``, by Gauss-Hermite quadrature (:func:`elementwise_moments`; moment
   matching: the result is treated as Gaussian again downstream);
-* ``Add`` of two known branches: means add, variances add (branches taken independent);
+* ``Add`` of two known branches: means add, variances add (branches taken independent), unless both
+  are elementwise functions of the same BatchNorm output (``x + Relu(x)``, a residual around an
+  activation): then the moments of their sum, by quadrature;
   ``Add``/``Sub``/``Mul``/``Div`` by a constant (scalar or per channel): the affine map;
 * ``Identity``, ``Dropout``, ``Pad``, ``AveragePool``, ``GlobalAveragePool``, and ``Flatten`` /
   ``Reshape`` that keep the channel count: the mean passes through (``Pad``'s zeros at the border
@@ -130,6 +132,65 @@ def batchnorm_input_stats(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             if gate is not None and gate.op_type in ("Sigmoid", "HardSigmoid") and gate.input[0] == n.input[1 - k]:
                 return n.input[1 - k], gate
         return None
+    def clip_bounds(n) -> tuple[float, float] | None:
+        """(lo, hi) of a Relu or Clip node; None when a bound is not a constant."""
+        if n.op_type == "Relu":
+            return 0.0, math.inf
+        lo, hi = -math.inf, math.inf
+        attrs = {a.name: a for a in n.attribute}
+        if "min" in attrs:
+            lo = attrs["min"].f
+        if "max" in attrs:
+            hi = attrs["max"].f
+        for k in (1, 2):
+            if len(n.input) > k and n.input[k]:
+                v = const(n.input[k])
+                if v is None:
+                    return None
+                lo, hi = (float(v), hi) if k == 1 else (lo, float(v))
+        return lo, hi
+
+    def elementwise_of(t: str, depth: int = 0):
+        """``(BatchNorm output, f)`` when tensor ``t`` is ``f`` of that output applied elementwise (per channel),
+        through Relu/Clip, the activations above, swish and constant Add/Sub/Mul/Div; else None."""
+        n = producer.get(t)
+        if n is None or depth > 200:
+            return None
+        if n.op_type == "BatchNormalization":
+            return t, (lambda v: v)
+        if n.op_type in ("Identity", "Dropout"):
+            return elementwise_of(n.input[0], depth + 1)
+        if n.op_type in ("Relu", "Clip"):
+            src, bounds = elementwise_of(n.input[0], depth + 1), clip_bounds(n)
+            if src is None or bounds is None:
+                return None
+            return src[0], (lambda v, f=src[1], b=bounds: np.clip(f(v), *b))
+        act = _activation(n)
+        if act is not None:
+            src = elementwise_of(n.input[0], depth + 1)
+            return None if src is None else (src[0], lambda v, f=src[1], g=act: g(f(v)))
+        if n.op_type == "Mul" and len(n.input) == 2 and _gate_of(n) is not None:
+            x, gate = _gate_of(n)
+            src, act = elementwise_of(x, depth + 1), _activation(gate)
+            return None if src is None else (src[0], lambda v, f=src[1], g=act: f(v) * g(f(v)))
+        if n.op_type in ("Add", "Sub", "Mul", "Div") and len(n.input) == 2:
+            consts_in = [const(i) is not None for i in n.input]
+            if sum(consts_in) == 1:
+                k = consts_in.index(True)
+                src = elementwise_of(n.input[1 - k], depth + 1)
+                c = np.asarray(const(n.input[k]), np.float64)
+                c = c.reshape(-1, 1) if c.size > 1 else c.reshape(())      # per channel, against [C, nodes]
+                ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+                op = ops[n.op_type]
+                if src is None:
+                    return None
+                return src[0], ((lambda v, f=src[1]: op(c, f(v))) if k == 0 else (lambda v, f=src[1]: op(f(v), c)))
+            if n.op_type == "Add" and not any(consts_in):
+                a, b = elementwise_of(n.input[0], depth + 1), elementwise_of(n.input[1], depth + 1)
+                if a is not None and b is not None and a[0] == b[0]:
+                    return a[0], (lambda v, fa=a[1], fb=b[1]: fa(v) + fb(v))
+        return None
+
     memo: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
 
     def gauss(t: str, depth: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
@@ -146,29 +207,18 @@ def batchnorm_input_stats(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             if gamma is not None and beta is not None:
                 out = (beta.astype(np.float64).ravel(), (gamma.astype(np.float64).ravel()) ** 2)
         elif n.op_type in ("Relu", "Clip"):
-            src = gauss(n.input[0], depth + 1)
-            lo, hi = (0.0, math.inf) if n.op_type == "Relu" else (-math.inf, math.inf)
-            if n.op_type == "Clip":
-                attrs = {a.name: a for a in n.attribute}
-                if "min" in attrs:
-                    lo = attrs["min"].f
-                if "max" in attrs:
-                    hi = attrs["max"].f
-                for k, bound in ((1, "lo"), (2, "hi")):
-                    if len(n.input) > k and n.input[k]:
-                        v = const(n.input[k])
-                        if v is None:
-                            src = None
-                        elif bound == "lo":
-                            lo = float(v)
-                        else:
-                            hi = float(v)
-            if src is not None:
-                out = clipped_gaussian_moments(src[0], src[1], lo, hi)
+            src, bounds = gauss(n.input[0], depth + 1), clip_bounds(n)
+            if src is not None and bounds is not None:
+                out = clipped_gaussian_moments(src[0], src[1], *bounds)
         elif n.op_type == "Add" and len(n.input) == 2 and all(const(i) is None for i in n.input):
             a, b = gauss(n.input[0], depth + 1), gauss(n.input[1], depth + 1)
             if a is not None and b is not None and a[0].shape == b[0].shape:
-                out = (a[0] + b[0], a[1] + b[1])
+                fa, fb = elementwise_of(n.input[0]), elementwise_of(n.input[1])
+                if fa is not None and fb is not None and fa[0] == fb[0]:
+                    # both branches are functions of one BatchNorm output: correlated, not independent
+                    out = elementwise_moments(lambda v: fa[1](v) + fb[1](v), *gauss(fa[0], depth + 1))
+                else:
+                    out = (a[0] + b[0], a[1] + b[1])
         elif _activation(n) is not None:
             src = gauss(n.input[0], depth + 1)
             if src is not None:
