@@ -30,9 +30,13 @@ def level_limit(bits: np.ndarray | int) -> np.ndarray:
 
 def quantize_levels(w: np.ndarray, scale: np.ndarray | float, bits: np.ndarray | int) -> np.ndarray:
     """Integer levels of ``w`` (int16), ``clip(rint(w / scale), -L, L)`` evaluated in float32, broadcasting."""
+    return _nearest(np.divide(w, scale, dtype=np.float32), bits)   # float32: levels are defined on float32 weights
+
+
+def _nearest(x: np.ndarray, bits: np.ndarray | int) -> np.ndarray:
+    """``clip(rint(x), -L, L)`` as int16, ``x`` the weights in level units (float32)."""
     L = level_limit(bits)
-    q = np.divide(w, scale, dtype=np.float32)     # float32 throughout: levels are defined on float32 weights
-    np.rint(q, out=q)
+    q = np.rint(x)
     np.clip(q, -L, L, out=q)
     return q.astype(np.int16)
 
@@ -57,12 +61,13 @@ def balanced_levels(w: np.ndarray, scale: np.ndarray | float, bits: np.ndarray |
     via Diagonal Hessian Approximation", ICLR 2022), applied per crossbar column.  Deterministic
     (stable sort; ties go to the lower row).
     """
-    q = quantize_levels(w, scale, bits)
+    x = np.divide(w, scale, dtype=np.float32)
+    q = _nearest(x, bits)
     if q.ndim != 4 or q.shape[1] < 2:
         return q
     L = np.broadcast_to(level_limit(bits), q.shape)
     qf = q.astype(np.float64)
-    e = qf - np.broadcast_to(np.divide(w, scale, dtype=np.float32), q.shape)
+    e = qf - np.broadcast_to(x, q.shape)
     E = e.sum(axis=1, keepdims=True)
     k = np.rint(np.abs(E))
     sgn = np.sign(E)
