@@ -28,6 +28,7 @@ from onnx import TensorProto  # noqa: E402
 from onnx import helper as h  # noqa: E402
 
 from fuzz_harness import corpus_case, invoke, invoke_child, tiny_cnn, tiny_mlp  # noqa: E402
+from test_package_integrity import tar_bytes  # noqa: E402
 from psq_tvm.cli import main  # noqa: E402
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_corpus")
@@ -159,14 +160,6 @@ def _paths(obj, prefix=()):
             yield from _paths(v, prefix + (k,))
 
 
-def _tar(items) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
-        for name, data in items:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @st.composite
@@ -217,7 +210,7 @@ def package_mutation(draw, base_dir):
         items[fi] = (items[fi][0], bytes(b))
         man["blobs"][blob]["sha256"] = hashlib.sha256(bytes(b)).hexdigest()
         items[mi] = ("manifest.json", json.dumps(man).encode())
-    return which, kind, _tar(items)
+    return which, kind, tar_bytes(items)
 
 
 def test_fuzz_packages(base, tmp_path_factory):

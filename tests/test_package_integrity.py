@@ -65,15 +65,20 @@ def members(path) -> list[tuple[tarfile.TarInfo, bytes]]:
         return [(m, t.extractfile(m).read()) for m in t.getmembers()]
 
 
-def write_tar(path, items, tail=b""):
-    """A USTAR tar of (name, bytes) in the given order (written by tarfile, not by psq_tvm), plus raw tail bytes."""
+def tar_bytes(items) -> bytes:
+    """A USTAR tar of (name, bytes) in the given order, written by tarfile (not by psq_tvm)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
         for name, data in items:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue() + tail)
+    return buf.getvalue()
+
+
+def write_tar(path, items, tail=b""):
+    """:func:`tar_bytes` of ``items`` written to ``path``, plus raw tail bytes."""
+    path.write_bytes(tar_bytes(items) + tail)
     return path
 
 
