@@ -44,7 +44,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "simulator": (["psq_tvm/runtime/simulator/*"],
                   ["tests/test_simulator.py", "tests/test_simulator_devices.py", "tests/test_adc_boundary.py"]),
     "package": (["psq_tvm/runtime/package.py"], ["tests/test_package.py", "tests/test_package_integrity.py"]),
-    "verify": (["psq_tvm/runtime/verify.py"], ["tests/test_cli.py", "tests/test_package_integrity.py"]),
+    "verify": (["psq_tvm/runtime/verify.py"], ["tests/test_verify.py", "tests/test_cli.py", "tests/test_cli_options.py"]),
     "cli": (["psq_tvm/cli.py"], ["tests/test_cli.py", "tests/test_cli_options.py"]),
 }
 
