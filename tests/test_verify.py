@@ -618,3 +618,26 @@ def test_a_corrupted_cell_is_followed_by_sim_and_golden_alike(pkgs, x3):
     code, lines = verify_package(bad, {"x": x3[:1]}, False)
     assert code == 0 and any(l.startswith("verify: PASS sim vs golden") for l in lines)
     assert lines[-1] != verify_package(cnn, {"x": x3[:1]}, False)[1][-1]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_verify_package_runs_sim_and_golden_with_the_options(pkgs, x3, batched):
+    """act_bits keeps sim == golden (both quantise the activations to 4 bits) and changes both outputs;
+    the device noise reaches the whole-model sim outputs too."""
+    cnn = pkgs["cnn"]
+    x = x3 if batched else x3[:1]
+    opts = SimOptions(act_bits=4)
+    code, lines = verify_package(cnn, {"x": x}, batched, opts)
+    assert code == 0 and lines[-2].startswith("verify: PASS sim vs golden")
+    s, g, f = _outputs(cnn, x, "sim", opts), _outputs(cnn, x, "golden", opts), _outputs(cnn, x, "float")
+    assert np.abs(s - _outputs(cnn, x, "sim")).max() > 1e-3      # 4 bits is not the spec's 6
+    assert_summary(lines[3], s, g)
+    assert_summary(lines[4], s, f)
+    assert_summary(lines[5], g, f)
+    opts = SimOptions(conductance_sigma=0.05, seed=2)
+    code, lines = verify_package(cnn, {"x": x}, batched, opts)
+    s, g = _outputs(cnn, x, "sim", opts), _outputs(cnn, x, "golden")
+    assert_summary(lines[3], s, g)
+    assert_summary(lines[4], s, f)
+    assert lines[-1] == f"verify: sim vs float loss: cosine {cosine_loss([s], [f]):.4g}, " \
+                        f"top1 {1.0 - float(np.mean(s.argmax(1) == f.argmax(1))):.4g}"
