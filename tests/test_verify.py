@@ -238,6 +238,9 @@ def test_losses_zero_vectors():
     assert type(losses([z], [z])["cosine"]) is float
     assert losses([v], [v])["cosine"] == pytest.approx(0.0, abs=1e-15)
     assert losses([v], [-v])["cosine"] == pytest.approx(2.0, abs=1e-15)
+    # norms below 1 are not zero: (0.3, 0.4) . (0.4, 0.3) = 0.24, norms 0.5 -> cosine 0.96
+    assert losses([np.array([[0.3, 0.4]])], [np.array([[0.4, 0.3]])])["cosine"] == pytest.approx(0.04, abs=1e-12)
+    assert losses([np.array([[3.0, 4.0]])], [np.array([[0.04, 0.03]])])["cosine"] == pytest.approx(0.04, abs=1e-12)
 
 
 def test_losses_concatenate_outputs_for_cosine_top1_from_the_first():
@@ -569,10 +572,11 @@ def test_verify_package_without_float_weights(pkgs, x3):
         verify_package(nf, {"x": x3}, True, max_loss="top1=0.1")
     assert str(e.value) == ("--max-loss needs the float weights, but this package was compiled with "
                             "--no-float-weights")
-    code, lines = verify_package(nf, {"x": x3}, True)
-    assert code == 0 and len(lines) == 5
-    assert not any("float" in l for l in lines[1:])
-    assert lines[3].startswith("  output_0 sim vs golden: ") and lines[4].startswith("verify: PASS sim vs golden")
+    for x, batched in [(x3, True), (x3[:1], False)]:
+        code, lines = verify_package(nf, {"x": x}, batched)
+        assert code == 0 and len(lines) == 5 and lines[0] == FIRST_LINE.format(n=len(x))
+        assert not any("float" in l for l in lines[1:])
+        assert lines[3].startswith("  output_0 sim vs golden: ") and lines[4].startswith("verify: PASS sim vs golden")
 
 
 def test_verify_package_bound_that_cannot_be_measured(pkgs, x3):
