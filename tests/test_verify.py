@@ -24,7 +24,9 @@ from psq_tvm.runtime.simulator import SimOptions  # noqa: E402
 from psq_tvm.runtime.verify import (EXACT_RTOL, EXIT_SIM_MISMATCH, EXIT_TOO_FAR_FROM_FLOAT, VerifyError,  # noqa: E402
                                     compare, is_exact, layer_errors, losses, parse_max_loss, verify_package)
 
-from test_onnx_models import act_matmul_model, matmul_model, small_cnn  # noqa: E402
+from onnx import helper as oh, numpy_helper as onh  # noqa: E402
+
+from test_onnx_models import act_matmul_model, matmul_model, model, small_cnn, vi  # noqa: E402
 
 KINDS = "('top1', 'cosine', 'accuracy')"
 SUMMARY = re.compile(r"max abs err (?P<err>\S+), max rel err (?P<rel>\S+), cosine (?P<cos>-?\d+\.\d{6})"
@@ -328,7 +330,15 @@ def pkgs(tmp_path_factory):
         "left": psq_tvm.compile(matmul_model(left=True), budget="avg-bits=5", adc_bits="none"),
         "right": psq_tvm.compile(matmul_model(), budget="avg-bits=5", adc_bits="none"),
         "host": psq_tvm.compile(act_matmul_model(), adc_bits="none"),
+        "left3": psq_tvm.compile(_left_batched_matmul(), budget="avg-bits=5", adc_bits="none"),
     }
+
+
+def _left_batched_matmul():
+    """Y[2, 5, 3] = C[5, 24] @ X[2, 24, 3]: a left operand with a batch dim."""
+    c = np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32)
+    return model([oh.make_node("MatMul", ["C", "x"], ["y"], name="mm_left3")], [vi("x", [2, 24, 3])],
+                 [vi("y", None)], [onh.from_array(c, "C")])
 
 
 @pytest.fixture(scope="module")
@@ -402,6 +412,13 @@ def test_layer_errors_left_operand_transposes_in_and_out(pkgs):
     (name, rel, line), = layer_errors(pkgs["left"], {"x": x})
     assert name == "mm_left" and rel <= EXACT_RTOL
     assert parse_summary(line)["top1"] == 1.0                   # output [5, 3]
+
+
+def test_layer_errors_left_operand_with_a_batch_dim(pkgs):
+    assert pkgs["left3"].layers[0]["operand"] == "left"
+    x = np.random.default_rng(1).standard_normal((2, 24, 3)).astype(np.float32)
+    (name, rel, line), = layer_errors(pkgs["left3"], {"x": x})
+    assert name == "mm_left3" and rel <= EXACT_RTOL and parse_summary(line)["top1"] is None
 
 
 def test_layer_errors_pass_the_sim_options(pkgs, x3):
