@@ -58,7 +58,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, str]:
     """(max relative error, a one-line summary with abs/rel error, cosine and top-1 agreement) of a vs b."""
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     err = float(np.abs(a64 - b64).max()) if a64.size else 0.0
-    rel = err / (float(np.abs(b64).max()) + 1e-30)
+    rel = err / ((float(np.abs(b64).max()) if b64.size else 0.0) + 1e-30)
     cos = float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64) + 1e-30))
     line = f"max abs err {err:.3e}, max rel err {rel:.3e}, cosine {cos:.6f}"
     if a.ndim == 2 and a.shape[1] > 1:
