@@ -325,6 +325,17 @@ def test_program_descriptions_and_exit_codes_in_the_help():
     assert "simulator options (mode sim;" in text and "--debug" not in text   # --debug: only in `tvmc --help`
 
 
+def test_a_new_crossbar_field_gets_an_option(monkeypatch):
+    """Every CrossbarSpec field is a --target-pim-psq-<field> option; one without a help text of its own is
+    described by its name."""
+    from psq_tvm.targets import pim_psq
+
+    monkeypatch.setattr(pim_psq, "SPEC_OPTIONS", (*SPEC_FIELDS, "read_noise"))
+    c = _options(_subparsers(cli._parser()).choices["compile"])["spec_read_noise"]
+    assert c.option_strings == ["--target-pim-psq-read-noise"] and c.metavar == "VALUE"
+    assert c.help == "crossbar option: read_noise (default: from the preset)"
+
+
 COMPILE_DEFAULTS = {
     "command": "compile", "debug": False, "FILE": "m.onnx", "output": "module.tar", "target": "pim-psq",
     "input_shapes": None, "target_pim_psq_preset": "isaac", "spec_rows": None, "spec_cols": None,
@@ -601,10 +612,11 @@ def test_load_inputs_synthetic_when_no_file(monkeypatch):
                         lambda inputs, ranges, rng: seen.append((inputs, ranges)) or ["A", "B", "C"])
     got, _ = cli._load_inputs(_fake_inputs_pkg(*info), None)
     assert got == {"x": "A", "ids": "B", "mask": "C"} and seen == [(info, {"ids": 7})]
-    assert cli._load_inputs(_fake_inputs_pkg(), None) == ({}, None)          # no "inputs" list: nothing
+    assert cli._load_inputs(_fake_inputs_pkg(), None) == ({}, None)          # a model without inputs
 
 
 def test_load_inputs_without_manifest_inputs():
+    """A manifest with no "inputs" entry at all: nothing to synthesise."""
     assert cli._load_inputs(SimpleNamespace(manifest={}), None) == ({}, None)
 
 
@@ -1256,15 +1268,18 @@ def test_signals_during_a_command(monkeypatch, capsys, handlers, sig, code, line
     assert {s: signal.getsignal(s) for s in before} == before          # restored
 
 
-def test_ignored_signals_stay_ignored(monkeypatch, handlers):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+@pytest.mark.parametrize("ignored", [signal.SIGINT, signal.SIGTERM])
+def test_ignored_signals_stay_ignored(monkeypatch, handlers, ignored):
+    """A background job of a script starts with SIGINT ignored: it stays ignored, SIGTERM is still handled."""
+    other = signal.SIGTERM if ignored == signal.SIGINT else signal.SIGINT
+    before = signal.getsignal(other)
+    signal.signal(ignored, signal.SIG_IGN)
     during = []
-    monkeypatch.setattr(cli, "cmd_run", lambda a: during.append(
-        (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))) or 0)
+    monkeypatch.setattr(cli, "cmd_run", lambda a: during.append((signal.getsignal(ignored), signal.getsignal(other)))
+                        or 0)
     assert main(["run", "p.tar"]) == 0
     assert during == [(signal.SIG_IGN, cli._on_signal)]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(ignored) is signal.SIG_IGN and signal.getsignal(other) is before
 
 
 def test_main_outside_the_main_thread_leaves_the_handlers(monkeypatch, handlers):
