@@ -48,7 +48,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                   ["tests/test_simulator.py", "tests/test_simulator_devices.py", "tests/test_adc_boundary.py",
                    "tests/test_adc_range.py", "tests/test_simulator_mutants.py"]),
     "package": (["psq_tvm/runtime/package.py"],
-                ["tests/test_package.py", "tests/test_package_blobs.py", "tests/test_package_integrity.py"]),
+                ["tests/test_package_units.py", "tests/test_package.py", "tests/test_package_blobs.py",
+                 "tests/test_package_integrity.py"]),
     "verify": (["psq_tvm/runtime/verify.py"],
                ["tests/test_verify.py", "tests/test_cli.py", "tests/test_cli_options.py"]),
     # cli: the fast unit tests only (fakes in place of the compile, the loaders and verify).  The end-to-end

@@ -51,7 +51,7 @@ def source_date_epoch() -> int:
     v = os.environ.get("SOURCE_DATE_EPOCH")
     if v is None or v == "":
         return MTIME
-    if not v.isdigit() or int(v) >= 8 ** 11:
+    if not (v.isascii() and v.isdigit()) or int(v) >= 8 ** 11:
         raise PackageError(f"SOURCE_DATE_EPOCH={v!r} is not a whole number of seconds since 1970 (below 8**11); "
                            "set it to e.g. the last commit's time, `git log -1 --format=%ct`, or unset it")
     return int(v)
@@ -360,7 +360,7 @@ def _tables(path: str, man: dict) -> dict[str, int | None]:
             raise bad(f"blob {name!r} has no table with a sha256")
         try:
             dt = np.dtype(b.get("dtype"))
-        except TypeError:
+        except (TypeError, ValueError):   # ValueError: e.g. "i4,(-1)i4"
             dt = None
         if dt is None or not isinstance(b.get("dtype"), str) or dt.kind not in "biuf":
             raise bad(f"blob {name!r} has dtype {b.get('dtype')!r}, not a numeric dtype")
