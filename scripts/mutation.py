@@ -43,7 +43,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "allocation": (["psq_tvm/core/allocation.py"], ["tests/test_allocation.py", "tests/test_search.py"]),
     "search": (["psq_tvm/core/search.py", "psq_tvm/core/candidates.py"],
                ["tests/test_search.py", "tests/test_search_properties.py", "tests/test_search_mutants.py",
-                "tests/test_allocation.py"]),
+                "tests/test_search_config.py", "tests/test_allocation.py"]),
     "simulator": (["psq_tvm/runtime/simulator/*"],
                   ["tests/test_simulator.py", "tests/test_simulator_devices.py", "tests/test_adc_boundary.py",
                    "tests/test_adc_range.py", "tests/test_simulator_mutants.py"]),
