@@ -640,3 +640,30 @@ def test_run_batched_passes_mode_and_sim_options_to_every_batch(monkeypatch, n):
     y = pkg.run_batched(x)                                         # defaults: fake-quant, no options
     assert y.ravel().tolist() == x.sum(axis=1).tolist()
     assert {(c[1], c[2]) for c in rec.calls} == {("fake-quant", None)}
+
+
+def test_expect_digest_message_names_the_file_and_is_checked_again_after_reading(tmp_path, monkeypatch):
+    """The digest is checked before anything is read (the message names the file) and again on the bytes
+    actually read: a file that changes after the first check (simulated by a first check that reads
+    another file's digest) is still refused."""
+    out = small_package().save(tmp_path / "s.tar")
+    real = hashlib.sha256((tmp_path / "s.tar").read_bytes()).hexdigest()
+    with pytest.raises(DigestMismatch, match=exact(
+            f"{out!r} has digest sha256 {real}, not the expected {EMPTY_SHA}: the package was modified or is "
+            "another one; do not run it")):
+        load(out, expect_digest=EMPTY_SHA)
+    monkeypatch.setattr(P.ustar, "file_sha256", lambda path: EMPTY_SHA)     # the first check passes...
+    with pytest.raises(DigestMismatch, match=exact(
+            f"{out!r} has digest sha256 {real}, not the expected {EMPTY_SHA}: the package was modified or is "
+            "another one; do not run it")):
+        load(out, expect_digest=EMPTY_SHA)                                  # ...the second one does not
+
+
+def test_oversized_manifest_message(tmp_path):
+    """A manifest member over MAX_MANIFEST bytes: refused before it is read, with the documented text."""
+    path = tmp_path / "big.tar"
+    write_tar(path, [("manifest.json", b" " * (P.MAX_MANIFEST + 1))])
+    with pytest.raises(P.PackageError, match=exact(
+            f"{str(path)!r}: manifest.json has {P.MAX_MANIFEST + 1} bytes, more than the {P.MAX_MANIFEST} this "
+            "reader accepts; the file is damaged")):
+        load(path)
