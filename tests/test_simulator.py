@@ -24,6 +24,12 @@ def random_result(layers, spec, rng, bits=None):
     return QuantResult(tiles, spec, b, scales, np.full(tiles.n_tiles, np.nan), "random")
 
 
+def dense_case(spec, rng, shape, bits=None):
+    """A random dense layer of ``shape`` [K, N] as random_result, its crossbar cells and its program."""
+    res = random_result([Layer("fc", rng.standard_normal(shape).astype(np.float32))], spec, rng, bits)
+    return res, crossbar_cells(res), layer_program(res, 0)
+
+
 def ref_conv(x, w, strides, padding, dilation, groups):
     """Direct (loop over kernel taps) NCHW conv, float64, independent of the simulator's im2col."""
     x = x.astype(np.float64)
@@ -161,9 +167,7 @@ def test_golden_matches_float_layer_roughly():
 def test_weights_come_from_the_cells():
     rng = np.random.default_rng(5)
     spec = preset("isaac", rows=16, cols=16, adc_bits=None)
-    res = random_result([Layer("fc", rng.standard_normal((20, 10)).astype(np.float32))], spec, rng, bits=[4])
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (20, 10), bits=[4])
     x = np.abs(rng.standard_normal((3, 20))).astype(np.float32)
     y0 = run_layer(x, prog, cells, spec)
     t = prog["tiles"][0]
@@ -192,9 +196,7 @@ def test_weights_come_from_the_cells():
 def test_per_column_scales():
     rng = np.random.default_rng(9)
     spec = preset("isaac", rows=16, cols=16, adc_bits=None)
-    res = random_result([Layer("fc", rng.standard_normal((20, 10)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (20, 10))
     x = rng.standard_normal((3, 20)).astype(np.float32)
     y = run_layer(x, prog, cells, spec)
     as_list = dict(prog, tiles=[dict(t, scale=[t["scale"]] * t["ncols"]) for t in prog["tiles"]])
@@ -220,9 +222,7 @@ def test_activation_quantisation():
 def test_signed_inputs_use_offset_and_match_golden():
     rng = np.random.default_rng(21)
     spec = preset("isaac", rows=16, cols=16, adc_bits=None)
-    res = random_result([Layer("fc", rng.standard_normal((30, 20)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (30, 20))
     x = rng.standard_normal((5, 30)).astype(np.float32)
     assert x.min() < 0
     y = run_layer(x, prog, cells, spec, options=SimOptions(force_bitserial=True))
@@ -234,9 +234,7 @@ def test_signed_inputs_use_offset_and_match_golden():
 def test_act_bits_override():
     rng = np.random.default_rng(22)
     spec = preset("isaac", rows=16, cols=16, adc_bits=None)
-    res = random_result([Layer("fc", rng.standard_normal((30, 20)).astype(np.float32))], spec, rng, bits=[8])
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (30, 20), bits=[8])
     x = np.abs(rng.standard_normal((50, 30))).astype(np.float32)
     ref = x.astype(np.float64) @ res.dequantized(0)
     errs = [np.abs(run_layer(x, prog, cells, spec, options=SimOptions(act_bits=a)) - ref).mean() for a in (3, 5, 8, 12)]
@@ -363,9 +361,7 @@ def test_stuck_at_and_adc_offset_extremes():
     # ... but not when every cell is stuck on the + side only is checked through the offset encoding
     spec_o = preset("isaac", rows=8, cols=8, adc_bits=None)
     rng = np.random.default_rng(2)
-    res = random_result([Layer("fc", rng.standard_normal((6, 4)).astype(np.float32))], spec_o, rng, bits=[4])
-    c_o = crossbar_cells(res)
-    p_o = layer_program(res, 0)
+    res, c_o, p_o = dense_case(spec_o, rng, (6, 4), bits=[4])
     xo = np.abs(rng.standard_normal((2, 6))).astype(np.float32)
     y0 = run_layer(xo, p_o, c_o, spec_o)
     y1 = run_layer(xo, p_o, c_o, spec_o, options=SimOptions(adc_offset=1.0))
@@ -525,9 +521,7 @@ def test_lossy_adc_hand_computed_offset_encoding():
 def test_mixed_lossless_and_lossy_strips_match_forced_bitserial():
     spec = preset("puma", rows=32, cols=32, adc_bits=5)     # 32-row strips lossy, the 8-row strip lossless
     rng = np.random.default_rng(8)
-    res = random_result([Layer("fc", rng.standard_normal((40, 20)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (40, 20))
     x = np.abs(rng.standard_normal((7, 40))).astype(np.float32)
     np.testing.assert_array_equal(run_layer(x, prog, cells, spec),
                                   run_layer(x, prog, cells, spec, options=SimOptions(force_bitserial=True)))

@@ -12,7 +12,7 @@
 import numpy as np
 import pytest
 from test_adc_range import brute_reads
-from test_simulator import fake_quant_input, hand_case, random_result, ref_conv
+from test_simulator import dense_case, fake_quant_input, hand_case, random_result, ref_conv
 
 from psq_tvm import CrossbarSpec, Layer, preset
 from psq_tvm.core.quant import QuantResult
@@ -108,9 +108,7 @@ BITSERIAL_CASES = {
 def test_bitserial_units_match_per_read_reference(case):
     spec, okw, signed, stored = BITSERIAL_CASES[case]
     rng = np.random.default_rng(sum(map(ord, case)))
-    res = random_result([Layer("fc", rng.standard_normal((21, 11)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (21, 11))
     if stored:
         for t in prog["tiles"]:
             t["adc_full_scale"] = rng.uniform(4, 60, size=(t["slices"], spec.polarities)).round(2).tolist()
@@ -173,9 +171,7 @@ def test_force_bitserial_and_path_select_the_per_cycle_path(monkeypatch):
     monkeypatch.setattr(layer_mod, "bitserial_strip", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = preset("isaac", rows=16, cols=8, adc_bits=None)               # lossless: auto = exact path
     rng = np.random.default_rng(3)
-    res = random_result([Layer("fc", rng.standard_normal((20, 5)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (20, 5))
     x = np.abs(rng.standard_normal((4, 20))).astype(np.float32)
     nstrips = len(compile_layer(prog, cells, spec).strips)
     y = run_layer(x, prog, cells, spec)
@@ -202,9 +198,7 @@ def test_integer_records_rebuild_the_output():
     """sum over strips of values * scale * act_scale, placed at the strips' columns, is the golden layer."""
     spec = preset("isaac", rows=16, cols=8, adc_bits=None)
     rng = np.random.default_rng(12)
-    res = random_result([Layer("fc", rng.standard_normal((37, 19)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (37, 19))
     cols = [dict(t, scale=list(t["scale"] * (1 + np.arange(t["ncols"]) / 3))) for t in prog["tiles"]]
     prog = dict(prog, tiles=cols)                                        # per-column scales
     x = rng.standard_normal((5, 37)).astype(np.float32)
@@ -219,9 +213,7 @@ def test_integer_records_rebuild_the_output():
 def test_dense_inputs_of_any_rank():
     spec = preset("isaac", rows=16, cols=8, adc_bits=None)
     rng = np.random.default_rng(13)
-    res = random_result([Layer("fc", rng.standard_normal((20, 7)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (20, 7))
     w = res.dequantized(0).astype(np.float64)
     for shape in [(20,), (1, 20), (2, 3, 20), (2, 1, 2, 20)]:
         x = np.abs(rng.standard_normal(shape)).astype(np.float32)
@@ -267,9 +259,7 @@ def test_activation_quantiser_one_element_and_empty():
 def test_golden_layer_uses_the_options_act_bits():
     spec = preset("isaac", rows=16, cols=8, adc_bits=None)
     rng = np.random.default_rng(15)
-    res = random_result([Layer("fc", rng.standard_normal((12, 5)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (12, 5))
     x = np.abs(rng.standard_normal((6, 12))).astype(np.float32)
     w = res.dequantized(0).astype(np.float64)
     ref3 = fake_quant_input(x, 3) @ w
@@ -294,9 +284,7 @@ def test_layer_program_ids():
 def test_read_histograms_max_rows_reads_evenly_spaced_rows():
     spec = preset("prime", rows=16, cols=8)
     rng = np.random.default_rng(17)
-    res = random_result([Layer("fc", rng.standard_normal((21, 9)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (21, 9))
     x = np.abs(rng.standard_normal((10, 21))).astype(np.float32)
     comp = compile_layer(prog, cells, spec)
     ref = brute_reads(x, prog, cells, spec)            # every row; the whole input sets the activation scale
@@ -360,9 +348,7 @@ def test_conv_input_size_limits_per_axis():
 def test_bias_checks():
     spec = preset("isaac", rows=16, cols=8, adc_bits=None)
     rng = np.random.default_rng(19)
-    res = random_result([Layer("fc", rng.standard_normal((6, 4)).astype(np.float32))], spec, rng)
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (6, 4))
     x = np.abs(rng.standard_normal((2, 6))).astype(np.float32)
     base = run_layer(x, prog, cells, spec)
     np.testing.assert_allclose(run_layer(x, prog, cells, spec, bias=[1, 2, 3, 4]), base + [1, 2, 3, 4], rtol=1e-6)
@@ -380,9 +366,7 @@ def test_program_and_input_errors_are_precise():
     """Each refusal of a broken program or input names the layer, the tile and what is wrong, exactly."""
     spec = preset("isaac", rows=16, cols=8, adc_bits=None)
     rng = np.random.default_rng(20)
-    res = random_result([Layer("fc", rng.standard_normal((20, 10)).astype(np.float32))], spec, rng, bits=[4])
-    cells = crossbar_cells(res)
-    prog = layer_program(res, 0)
+    res, cells, prog = dense_case(spec, rng, (20, 10), bits=[4])
     x = np.abs(rng.standard_normal((2, 20))).astype(np.float32)
     t0, rest = prog["tiles"][0], prog["tiles"][1:]
     assert (t0["row0"], t0["nrows"], t0["ncols"], t0["slices"]) == (0, 16, 8, 2)
