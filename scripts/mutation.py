@@ -171,7 +171,8 @@ def collect(name: str, work_root: str, minutes: float | None = None, partial: bo
         status = _statuses(work, log)
         all_mutants = len(status)
         if sampled is not None:
-            status = {k: v for k, v in status.items() if k in set(sampled)}
+            chosen = set(sampled)
+            status = {k: v for k, v in status.items() if k in chosen}
         survivors = {}
         for k, v in sorted(status.items()):
             if v == "survived":
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
                     help="run a seeded uniform sample of N mutants per module (score with a 95%% interval)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     ap.add_argument("--collect-partial", action="store_true",
-                    help="do not run: report the (stopped) runs already in --work for the named modules")
+                    help="do not run: report the runs already in --work for the named modules (stopped ones; with --sample/--seed: that sample, e.g. after re-running its survivors)")
     a = ap.parse_args(argv)
     if a.list:
         for k, (src, tests) in MODULES.items():
@@ -278,22 +279,34 @@ def main(argv=None) -> int:
     if unknown:
         print(f"mutation: unknown module(s) {unknown}; choose from {list(MODULES)}", file=sys.stderr)
         return 2
-    results = {}
-    if os.path.exists(RESULTS_JSON):
-        with open(RESULTS_JSON) as f:
-            results = json.load(f)
     os.makedirs(a.work, exist_ok=True)
     for name in a.modules or list(MODULES):
         print(f"mutation: {name} ...", flush=True)
         if a.collect_partial:
-            results[name] = collect(name, a.work, partial=True)
+            # a stopped run, or a sampled run whose survivors were run again (`mutmut run NAME...` in its
+            # work copy after tests were added): the same --sample/--seed pick the same mutants
+            sampled = None
+            if a.sample:
+                with open(os.path.join(a.work, f"{name}.log"), "a") as log:
+                    sampled = sample_names(list(_statuses(os.path.join(a.work, name), log)), a.sample, a.seed)
+            r = collect(name, a.work, _results().get(name, {}).get("minutes"), partial=True, sampled=sampled,
+                        seed=a.seed)
         else:
-            results[name] = measure(name, a.work, a.max_children, a.sample, a.seed)
-        r = results[name]
+            r = measure(name, a.work, a.max_children, a.sample, a.seed)
         print(f"mutation: {name}: {r['killed']}/{r['tested']} killed ({r['score']} %), branch coverage "
               f"{r['branch_coverage']} %, {r['minutes']} min", flush=True)
+        results = _results()        # read again: another run may have written its module meanwhile
+        results[name] = r
         write_report(results)
     return 0
+
+
+def _results() -> dict:
+    """The report's modules as last written (empty before the first run)."""
+    if not os.path.exists(RESULTS_JSON):
+        return {}
+    with open(RESULTS_JSON) as f:
+        return json.load(f)
 
 
 if __name__ == "__main__":
